@@ -1,0 +1,152 @@
+"""The Kaggle data layout: which volumes a dataset root holds, where their slices are, and their
+voxel sizes.
+
+    <root>/train/<volume>/images/NNNN.tif   uint16 slices
+    <root>/train/<volume>/labels/NNNN.tif   uint8 {0, 255}
+    <root>/test/<volume>/images/NNNN.tif
+
+One quirk is handled here so no caller has to: ``kidney_3_dense`` ships labels only; its images are
+the same-named files in ``kidney_3_sparse/images``. In general a volume with labels but no images
+takes its images from the sibling volume whose image folder holds every label file name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .volume import read_labels, read_slice_header, read_volume, slice_files
+
+SPLITS = ("train", "test")
+
+# Voxel sizes (µm) published for the competition volumes; a volume not listed has no known size.
+KNOWN_VOXEL_SIZES_UM: dict[str, float] = {
+    "kidney_1_dense": 50.0,
+    "kidney_1_voi": 5.2,
+    "kidney_2": 50.0,
+    "kidney_3_sparse": 50.16,
+    "kidney_3_dense": 50.16,
+    "kidney_5": 50.28,
+    "kidney_6": 63.08,
+}
+
+__all__ = ["KNOWN_VOXEL_SIZES_UM", "VolumeInfo", "find_volumes"]
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """One volume of a Kaggle-layout dataset: its slice files and metadata."""
+
+    name: str
+    image_paths: tuple[Path, ...]
+    label_paths: tuple[Path, ...] | None
+    voxel_size_um: float | None
+
+    @property
+    def stems(self) -> list[str]:
+        """Slice ids (file stems) in slice order."""
+        return [p.stem for p in self.image_paths]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X), from the first slice's header (no pixel data is read)."""
+        (height, width), _ = read_slice_header(self.image_paths[0])
+        return len(self.image_paths), height, width
+
+    def read_images(self, **kwargs) -> np.ndarray:
+        """The (Z, Y, X) uint16 image volume; keyword arguments go to ``read_volume``."""
+        return read_volume(self.image_paths, **kwargs)
+
+    def read_labels(self, **kwargs) -> np.ndarray:
+        """The (Z, Y, X) bool label volume; keyword arguments go to ``read_labels``."""
+        if self.label_paths is None:
+            raise ValueError(f"volume {self.name!r} has no labels")
+        return read_labels(self.label_paths, **kwargs)
+
+
+def find_volumes(
+    root: str | os.PathLike,
+    split: str = "train",
+    *,
+    voxel_sizes: Mapping[str, float] | None = None,
+) -> list[VolumeInfo]:
+    """The volumes of ``<root>/<split>``, sorted by name.
+
+    Args:
+        root: the dataset root (the folder holding ``train/`` and ``test/``).
+        split: "train" or "test".
+        voxel_sizes: voxel sizes (µm) by volume name, overriding ``KNOWN_VOXEL_SIZES_UM``.
+
+    Raises:
+        ValueError: unknown split; a volume whose labels don't match its images (missing or extra
+            file names, or another slice shape); a labels-only volume whose images are nowhere.
+        FileNotFoundError: missing root or split folder, or a split with no volumes.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"{split_dir} does not exist (expected the Kaggle layout <root>/{split}/<volume>/images)")
+    sizes = {**KNOWN_VOXEL_SIZES_UM, **(voxel_sizes or {})}
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir())
+    image_folders = {p.name: p / "images" for p in folders if (p / "images").is_dir()}
+    volumes = []
+    for folder in folders:
+        labels_dir = folder / "labels"
+        label_paths = tuple(slice_files(labels_dir)) if labels_dir.is_dir() else None
+        if folder.name in image_folders:
+            image_paths = tuple(slice_files(image_folders[folder.name]))
+            if label_paths is not None:
+                _check_same_stems(folder.name, image_paths, label_paths)
+        elif label_paths is not None:
+            image_paths = _borrow_images(folder.name, label_paths, image_folders)
+        else:
+            continue  # neither images nor labels: not a volume
+        if label_paths is not None:
+            _check_same_slice_shape(image_paths[0], label_paths[0])
+        volumes.append(VolumeInfo(folder.name, image_paths, label_paths, sizes.get(folder.name)))
+    if not volumes:
+        raise FileNotFoundError(f"no volumes (folders with images/ or labels/) in {split_dir}")
+    return volumes
+
+
+def _borrow_images(
+    name: str, label_paths: tuple[Path, ...], image_folders: Mapping[str, Path]
+) -> tuple[Path, ...]:
+    """Images of a labels-only volume: the same-named files of the sibling holding all of them."""
+    names = [p.name for p in label_paths]
+    # Prefer siblings sharing the name before the last "_" (kidney_3_dense -> kidney_3_sparse).
+    prefix = name.rsplit("_", 1)[0]
+    for sibling in sorted(image_folders, key=lambda s: not s.startswith(prefix)):
+        folder = image_folders[sibling]
+        if all((folder / n).is_file() for n in names):
+            return tuple(folder / n for n in names)
+    raise ValueError(
+        f"volume {name!r} has labels but no images/ folder, and no sibling volume's images/ holds "
+        f"all of its {len(names)} label files (e.g. {names[0]})"
+    )
+
+
+def _check_same_stems(name: str, image_paths: tuple[Path, ...], label_paths: tuple[Path, ...]) -> None:
+    images = {p.stem for p in image_paths}
+    labels = {p.stem for p in label_paths}
+    if images != labels:
+        missing = sorted(images - labels)[:3]
+        extra = sorted(labels - images)[:3]
+        raise ValueError(
+            f"volume {name!r}: labels don't match images ({len(image_paths)} image and "
+            f"{len(label_paths)} label slices; unlabelled e.g. {missing}, labels without image e.g. {extra})"
+        )
+
+
+def _check_same_slice_shape(image_path: Path, label_path: Path) -> None:
+    image_shape, _ = read_slice_header(image_path)
+    label_shape, _ = read_slice_header(label_path)
+    if image_shape != label_shape:
+        raise ValueError(
+            f"label slice {label_path} is {label_shape} but image slice {image_path} is {image_shape}"
+        )

@@ -1,0 +1,241 @@
+"""Run-length encoding and submission files, in the competition's exact convention.
+
+The convention: a 2D mask is flattened row-major (C order); the RLE is the space-separated list of
+1-indexed ``start length`` pairs of its foreground runs; an empty mask is written ``1 0`` (an empty
+string breaks the Kaggle scorer). Submissions are CSV files with the header ``id,rle`` and one row
+per slice, ``id`` being ``<volume>_<file stem>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import pandas as pd
+
+EMPTY_RLE = "1 0"
+SUBMISSION_COLUMNS = ("id", "rle")
+
+__all__ = [
+    "EMPTY_RLE",
+    "SubmissionWriter",
+    "parse_rle",
+    "rle_decode",
+    "rle_encode",
+    "slice_id",
+    "validate_submission",
+    "write_submission",
+]
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Encode a 2D mask (nonzero = foreground) as the competition's RLE string."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"rle_encode expects a 2D mask, got shape {mask.shape}")
+    flat = mask.reshape(-1)
+    if flat.dtype != np.bool_:
+        flat = flat != 0
+    # Run boundaries are where the padded mask changes value; +1 makes them 1-indexed.
+    padded = np.zeros(flat.size + 2, dtype=np.bool_)
+    padded[1:-1] = flat
+    edges = np.flatnonzero(padded[1:] != padded[:-1]) + 1
+    if edges.size == 0:
+        return EMPTY_RLE
+    edges[1::2] -= edges[::2]
+    return " ".join(edges.astype(str).tolist())
+
+
+def parse_rle(rle: str) -> tuple[np.ndarray, np.ndarray]:
+    """Parse and check an RLE string; return (0-indexed starts, lengths) as int64 arrays.
+
+    Raises ValueError for anything the scorer would misread: a non-string or empty value, tokens
+    that are not non-negative integers, an odd token count, starts below 1, zero-length runs (other
+    than the empty mask ``1 0``), and runs that overlap or are out of order.
+    """
+    if not isinstance(rle, str):
+        raise ValueError(f"RLE must be a string, got {type(rle).__name__} {rle!r}")
+    tokens = rle.split()
+    if not tokens:
+        raise ValueError(f"empty RLE string; an empty mask is written {EMPTY_RLE!r}")
+    if len(tokens) % 2:
+        raise ValueError(f"RLE has an odd number of values ({len(tokens)}): {_clip(rle)}")
+    if not all(token.isdigit() for token in tokens):
+        bad = next(token for token in tokens if not token.isdigit())
+        raise ValueError(f"RLE value {bad!r} is not a non-negative integer: {_clip(rle)}")
+    pairs = np.array(tokens, dtype=np.int64).reshape(-1, 2)
+    starts, lengths = pairs[:, 0] - 1, pairs[:, 1]
+    if pairs.shape[0] == 1 and lengths[0] == 0 and starts[0] == 0:
+        return starts[:0], lengths[:0]
+    if starts.min() < 0:
+        raise ValueError(f"RLE start 0 found; starts are 1-indexed: {_clip(rle)}")
+    if lengths.min() < 1:
+        raise ValueError(f"RLE has a zero-length run: {_clip(rle)}")
+    ends = starts + lengths
+    if np.any(starts[1:] < ends[:-1]):
+        raise ValueError(f"RLE runs overlap or are not in increasing order: {_clip(rle)}")
+    return starts, lengths
+
+
+def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+    """Decode an RLE string into a bool mask of ``shape`` (height, width)."""
+    height, width = (int(v) for v in shape)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"rle_decode needs a positive (height, width), got {shape}")
+    starts, lengths = parse_rle(rle)
+    size = height * width
+    if starts.size and starts[-1] + lengths[-1] > size:
+        raise ValueError(
+            f"RLE run ends at pixel {int(starts[-1] + lengths[-1])}, beyond the "
+            f"{height}x{width}={size} pixels of the mask"
+        )
+    # Mark run starts +1 and run ends -1, then a cumulative sum fills the runs.
+    marks = np.zeros(size + 1, dtype=np.int8)
+    marks[starts] = 1
+    marks[starts + lengths] -= 1  # ends are unique; a touching run's start and end cancel
+    return np.cumsum(marks[:-1], dtype=np.int8).astype(np.bool_).reshape(height, width)
+
+
+def slice_id(volume: str, stem: str) -> str:
+    """The submission id of one slice: ``<volume>_<file stem>``, e.g. ``kidney_5_0000``."""
+    return f"{volume}_{stem}"
+
+
+class SubmissionWriter:
+    """Stream a submission CSV one slice at a time, atomically.
+
+    Rows go to a temporary file next to ``path``; it replaces ``path`` only when the ``with``
+    block ends without an error, so an interrupted run never leaves a half-written submission.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._ids: set[str] = set()
+        self._file = None
+        self._writer = None
+
+    def __enter__(self) -> SubmissionWriter:
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"output folder {self.path.parent} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._tmp_path = Path(tmp)
+        self._file = os.fdopen(fd, "w", newline="")
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        self._writer.writerow(SUBMISSION_COLUMNS)
+        return self
+
+    def add_slice(self, row_id: str, mask: np.ndarray) -> None:
+        """Append one slice's row; ids must be unique."""
+        if self._writer is None:
+            raise RuntimeError("SubmissionWriter must be used as a context manager")
+        if row_id in self._ids:
+            raise ValueError(f"duplicate submission id {row_id!r}")
+        self._ids.add(row_id)
+        self._writer.writerow((row_id, rle_encode(mask)))
+
+    def add_volume(self, volume: str, stems: Sequence[str], masks: Iterable[np.ndarray]) -> None:
+        """Append every slice of a volume; ``masks`` may be a (Z, Y, X) array or a generator."""
+        count = 0
+        for stem, mask in zip(stems, masks, strict=False):
+            self.add_slice(slice_id(volume, stem), mask)
+            count += 1
+        if count != len(stems):
+            raise ValueError(
+                f"volume {volume!r}: {len(stems)} slice stems but {count} masks were given"
+            )
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._file is not None
+        self._file.close()
+        if exc_type is None:
+            os.replace(self._tmp_path, self.path)
+        else:
+            self._tmp_path.unlink(missing_ok=True)
+
+
+def write_submission(
+    predictions: Mapping[str, tuple[Sequence[str], Iterable[np.ndarray]]],
+    path: str | os.PathLike,
+) -> Path:
+    """Write a submission from ``{volume: (stems, masks)}``, streaming one slice at a time.
+
+    ``masks`` may be a (Z, Y, X) array (memmaps included) or any iterable of 2D masks, so a whole
+    kidney never needs a second in-memory copy. Rows follow the given slice order.
+    """
+    with SubmissionWriter(path) as writer:
+        for volume, (stems, masks) in predictions.items():
+            writer.add_volume(volume, stems, masks)
+    return Path(path)
+
+
+def validate_submission(
+    path: str | os.PathLike,
+    sample_submission: str | os.PathLike,
+    *,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
+) -> None:
+    """Check a submission against the sample submission; raise ValueError listing every problem.
+
+    Checks: header ``id,rle``; the same ids, each once; every RLE parses (and, where ``shapes``
+    maps a volume name to its (height, width), fits in the slice).
+    """
+    submission = read_submission(path)
+    expected = read_submission(sample_submission)
+    problems = []
+    duplicated = submission["id"][submission["id"].duplicated()].tolist()
+    if duplicated:
+        problems.append(f"{len(duplicated)} duplicated ids, e.g. {_examples(duplicated)}")
+    missing = sorted(set(expected["id"]) - set(submission["id"]))
+    extra = sorted(set(submission["id"]) - set(expected["id"]))
+    if missing:
+        problems.append(f"{len(missing)} ids of the sample submission are missing, e.g. {_examples(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} ids are not in the sample submission, e.g. {_examples(extra)}")
+    bad_rles = list(_bad_rles(submission, shapes or {}))
+    if bad_rles:
+        problems.append(f"{len(bad_rles)} invalid RLEs, e.g. " + "; ".join(bad_rles[:3]))
+    if problems:
+        raise ValueError(f"invalid submission {path}: " + " | ".join(problems))
+
+
+def read_submission(path: str | os.PathLike) -> pd.DataFrame:
+    """Read an ``id,rle`` CSV as strings (empty RLE cells stay empty strings, not NaN)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"submission file {path} does not exist")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if tuple(frame.columns[:2]) != SUBMISSION_COLUMNS:
+        raise ValueError(f"{path}: header must start with 'id,rle', got {','.join(frame.columns)}")
+    return frame
+
+
+def _bad_rles(submission: pd.DataFrame, shapes: Mapping[str, tuple[int, int]]) -> Iterator[str]:
+    # Longest names first, so "kidney_1_dense_0001" is not taken for a slice of "kidney_1".
+    by_length = sorted(shapes.items(), key=lambda item: -len(item[0]))
+    for row_id, rle in zip(submission["id"], submission["rle"], strict=True):
+        shape = next((s for volume, s in by_length if row_id.startswith(f"{volume}_")), None)
+        try:
+            if shape is None:
+                parse_rle(rle)
+            else:
+                rle_decode(rle, shape)
+        except ValueError as error:
+            yield f"{row_id}: {error}"
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _examples(items: Sequence[str], count: int = 3) -> str:
+    return ", ".join(repr(i) for i in items[:count])
