@@ -1,0 +1,93 @@
+"""find_volumes on Kaggle-layout trees, including the kidney_3_dense quirk, and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vessel_kit.layout import KNOWN_VOXEL_SIZES_UM, find_volumes
+from vessel_kit.volume import write_volume
+
+
+def _volume(root, split, name, depth=4, shape=(6, 5), labels=True, images=True, stems=None, first=0):
+    stems = stems or [f"{first + i:04d}" for i in range(depth)]
+    rng = np.random.default_rng(len(name))
+    if images:
+        write_volume(rng.integers(0, 65535, (len(stems), *shape), dtype=np.uint16), root / split / name / "images", stems)
+    if labels:
+        write_volume(rng.random((len(stems), *shape)) < 0.2, root / split / name / "labels", stems)
+    return stems
+
+
+@pytest.fixture
+def kaggle_root(tmp_path):
+    _volume(tmp_path, "train", "kidney_1_dense", depth=5)
+    _volume(tmp_path, "train", "kidney_3_sparse", depth=8)
+    _volume(tmp_path, "train", "kidney_3_dense", depth=3, images=False, first=2)
+    _volume(tmp_path, "test", "kidney_5", labels=False, depth=3)
+    _volume(tmp_path, "test", "kidney_6", labels=False, stems=["00000", "00001"])
+    return tmp_path
+
+
+def test_train_volumes_and_the_dense_labels_quirk(kaggle_root):
+    volumes = {v.name: v for v in find_volumes(kaggle_root, "train")}
+    assert list(volumes) == ["kidney_1_dense", "kidney_3_dense", "kidney_3_sparse"]
+    dense = volumes["kidney_3_dense"]
+    assert dense.stems == ["0002", "0003", "0004"]
+    assert all(p.parent == kaggle_root / "train" / "kidney_3_sparse" / "images" for p in dense.image_paths)
+    np.testing.assert_array_equal(dense.read_images(progress=False), volumes["kidney_3_sparse"].read_images(progress=False)[2:5])
+    assert dense.read_labels(progress=False).shape == (3, 6, 5)
+    assert dense.voxel_size_um == KNOWN_VOXEL_SIZES_UM["kidney_3_dense"] == 50.16
+    assert volumes["kidney_1_dense"].shape == (5, 6, 5)
+
+
+def test_test_volumes(kaggle_root):
+    volumes = find_volumes(kaggle_root, "test", voxel_sizes={"kidney_5": 42.0})
+    assert [(v.name, v.label_paths, v.voxel_size_um) for v in volumes] == [("kidney_5", None, 42.0), ("kidney_6", None, 63.08)]
+    assert volumes[1].stems == ["00000", "00001"]
+    with pytest.raises(ValueError, match="'kidney_5' has no labels"):
+        volumes[0].read_labels()
+
+
+def test_real_placeholder_layout(tmp_path, real_data):
+    """The 3-slice public test placeholder, laid out as Kaggle ships it."""
+    (tmp_path / "test" / "kidney_5").mkdir(parents=True)
+    (tmp_path / "test" / "kidney_5" / "images").symlink_to(real_data / "kidney_test_placeholder")
+    (volume,) = find_volumes(tmp_path, "test")
+    assert volume.stems == ["0000", "0001", "0002"] and volume.shape == (3, 1303, 912)
+
+
+def test_unknown_volume_has_no_voxel_size(tmp_path):
+    _volume(tmp_path, "train", "spleen_1")
+    assert find_volumes(tmp_path)[0].voxel_size_um is None
+
+
+def test_bad_layouts(tmp_path):
+    with pytest.raises(ValueError, match="split must be one of \\('train', 'test'\\), got 'val'"):
+        find_volumes(tmp_path, "val")
+    with pytest.raises(FileNotFoundError, match="train does not exist"):
+        find_volumes(tmp_path)
+    (tmp_path / "train" / "empty_volume").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no volumes"):
+        find_volumes(tmp_path)
+
+
+def test_labels_that_do_not_match_images(tmp_path):
+    _volume(tmp_path, "train", "kidney_2", depth=4, labels=False)
+    _volume(tmp_path, "train", "kidney_2", stems=["0000", "0001", "0002", "0009"], images=False)
+    with pytest.raises(ValueError, match="'kidney_2': labels don't match images.*unlabelled e.g. \\['0003'\\].*without image e.g. \\['0009'\\]"):
+        find_volumes(tmp_path)
+
+
+def test_labels_of_another_shape(tmp_path):
+    _volume(tmp_path, "train", "kidney_2", labels=False)
+    _volume(tmp_path, "train", "kidney_2", images=False, shape=(6, 4))
+    with pytest.raises(ValueError, match="label slice .*0000.tif is \\(6, 4\\) but image slice .*0000.tif is \\(6, 5\\)"):
+        find_volumes(tmp_path)
+
+
+def test_labels_only_volume_without_images_anywhere(tmp_path):
+    _volume(tmp_path, "train", "kidney_3_sparse", depth=2)
+    _volume(tmp_path, "train", "kidney_3_dense", images=False, first=5)
+    with pytest.raises(ValueError, match="'kidney_3_dense' has labels but no images/ folder.*e.g. 0005.tif"):
+        find_volumes(tmp_path)
