@@ -68,7 +68,7 @@ class SurfaceDiceAccumulator:
     def __init__(self) -> None:
         self.numerator = 0.0
         self.denominator = 0.0
-        self._previous: tuple[np.ndarray, np.ndarray] | None = None
+        self._previous: np.ndarray | None = None
         self._shape: tuple[int, int] | None = None
 
     def update(self, truth_slice: np.ndarray, pred_slice: np.ndarray) -> None:
@@ -93,11 +93,10 @@ class SurfaceDiceAccumulator:
         """(numerator, denominator) including the cubes between the last slice and the padding."""
         if self._previous is None:
             return self.numerator, self.denominator
-        empty = np.zeros_like(self._previous[0])
-        numerator, denominator = _cube_sums(self._previous, (empty, empty))
+        numerator, denominator = _cube_sums(self._previous, np.zeros_like(self._previous))
         return self.numerator + numerator, self.denominator + denominator
 
-    def _quads(self, truth_slice: np.ndarray, pred_slice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _quads(self, truth_slice: np.ndarray, pred_slice: np.ndarray) -> np.ndarray:
         truth_slice, pred_slice = np.asarray(truth_slice), np.asarray(pred_slice)
         if truth_slice.ndim != 2 or truth_slice.shape != pred_slice.shape:
             raise ValueError(
@@ -107,16 +106,15 @@ class SurfaceDiceAccumulator:
         if self._shape is not None and truth_slice.shape != self._shape:
             raise ValueError(f"slice shape changed from {self._shape} to {truth_slice.shape}")
         self._shape = truth_slice.shape
-        return _quad_codes(truth_slice), _quad_codes(pred_slice)
+        return _slice_codes(truth_slice, pred_slice)
 
-    def _previous_or_empty(self) -> tuple[np.ndarray, np.ndarray]:
+    def _previous_or_empty(self) -> np.ndarray:
         if self._previous is not None:
             return self._previous
         height, width = self._shape
-        empty = np.zeros((height + 1, width + 1), dtype=np.uint8)
-        return empty, empty
+        return np.zeros((3, (height + 1) * (width + 1)), dtype=np.uint8)
 
-    def _add_cubes(self, previous: tuple[np.ndarray, np.ndarray], current: tuple[np.ndarray, np.ndarray]) -> None:
+    def _add_cubes(self, previous: np.ndarray, current: np.ndarray) -> None:
         numerator, denominator = _cube_sums(previous, current)
         self.numerator += numerator
         self.denominator += denominator
@@ -209,37 +207,51 @@ def score_submission(
     return scores
 
 
-def _quad_codes(mask: np.ndarray) -> np.ndarray:
-    """4-bit code of every 2x2 neighbourhood of the zero-padded slice: (H+1, W+1) uint8.
+def _slice_codes(truth_slice: np.ndarray, pred_slice: np.ndarray) -> np.ndarray:
+    """Quad codes of one slice of both masks, stacked with their union: (3, (H+1)*(W+1)) uint8.
 
-    Bit 3 = (y0, x0), bit 2 = (y0, x1), bit 1 = (y1, x0), bit 0 = (y1, x1).
+    Row 0 is the truth's, row 1 the prediction's, row 2 is 1 where either mask touches the
+    neighbourhood, else 0 — kept 0/1 so that ``(a[2] | b[2]).view(bool)`` is a valid bool array
+    and numpy's fast bool path finds the touched cubes of a slice pair.
     """
-    height, width = mask.shape
+    height, width = truth_slice.shape
+    codes = np.empty((3, (height + 1) * (width + 1)), dtype=np.uint8)
     padded = np.zeros((height + 2, width + 2), dtype=np.uint8)
+    for row, mask in enumerate((truth_slice, pred_slice)):
+        _quad_codes(mask, padded, codes[row].reshape(height + 1, width + 1))
+    np.bitwise_or(codes[0], codes[1], out=codes[2])
+    np.not_equal(codes[2], 0, out=codes[2].view(np.bool_))
+    return codes
+
+
+def _quad_codes(mask: np.ndarray, padded: np.ndarray, out: np.ndarray) -> None:
+    """Write the 4-bit code of every 2x2 neighbourhood of the zero-padded slice into ``out``.
+
+    Bit 3 = (y0, x0), bit 2 = (y0, x1), bit 1 = (y1, x0), bit 0 = (y1, x1). ``padded`` is a
+    (H+2, W+2) scratch buffer whose one-pixel border must be zero.
+    """
+    inner = padded[1:-1, 1:-1]
     if mask.dtype == np.bool_:
-        padded[1:-1, 1:-1] = mask.view(np.uint8)
+        inner[...] = mask.view(np.uint8)
     else:
-        np.not_equal(mask, 0, out=padded[1:-1, 1:-1].view(np.bool_))
+        np.not_equal(mask, 0, out=inner.view(np.bool_))
     pairs = padded[:, :-1] << 1
     pairs |= padded[:, 1:]
-    quads = pairs[:-1] << 2
-    quads |= pairs[1:]
-    return quads
+    np.left_shift(pairs[:-1], 2, out=out)
+    out |= pairs[1:]
 
 
-def _cube_sums(
-    previous: tuple[np.ndarray, np.ndarray], current: tuple[np.ndarray, np.ndarray]
-) -> tuple[float, float]:
-    """(matched area, total area) of both masks' border cubes between two slices."""
-    truth_codes = previous[0] << 4
-    truth_codes |= current[0]
-    pred_codes = previous[1] << 4
-    pred_codes |= current[1]
-    touched = np.flatnonzero(truth_codes | pred_codes)
+def _cube_sums(previous: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+    """(matched area, total area) of both masks' border cubes between two slices' codes."""
+    touched = np.flatnonzero((previous[2] | current[2]).view(np.bool_))
     if touched.size == 0:
         return 0.0, 0.0
-    truth_area = SURFACE_AREA[truth_codes.ravel()[touched]]
-    pred_area = SURFACE_AREA[pred_codes.ravel()[touched]]
+    truth_codes = previous[0, touched] << 4
+    truth_codes |= current[0, touched]
+    pred_codes = previous[1, touched] << 4
+    pred_codes |= current[1, touched]
+    truth_area = SURFACE_AREA[truth_codes]
+    pred_area = SURFACE_AREA[pred_codes]
     matched = (truth_area > 0) & (pred_area > 0)
     numerator = float(truth_area[matched].sum() + pred_area[matched].sum())
     return numerator, float(truth_area.sum() + pred_area.sum())
