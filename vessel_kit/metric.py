@@ -55,19 +55,25 @@ _AREA_SYMBOLS = (
     "1226263a468c8c98263a3a536ba6a632468c6ba68a78c6848c98a632c6846221"
     "466b8ca68ac678848ca69832c66284218ac6c662938282417884842182414110"
 )
-SURFACE_AREA = _AREA_VALUES[[int(symbol, 16) for symbol in _AREA_SYMBOLS]]
+_AREA_CLASS = np.array([int(symbol, 16) for symbol in _AREA_SYMBOLS], dtype=np.uint8)
+SURFACE_AREA = _AREA_VALUES[_AREA_CLASS]
+_N_CLASSES = len(_AREA_VALUES)
+# Area of a (truth class, prediction class) cube pair, in total and where both are border cubes.
+_PAIR_AREA = _AREA_VALUES[:, None] + _AREA_VALUES[None, :]
+_MATCHED_PAIR_AREA = _PAIR_AREA * ((_AREA_VALUES[:, None] > 0) & (_AREA_VALUES[None, :] > 0))
 
 
 class SurfaceDiceAccumulator:
     """Streaming surface Dice: feed (truth, prediction) slice pairs in order, read ``result()``.
 
     Holds only the previous slice's quad codes, so a whole kidney can be scored from an RLE file
-    or a generator without ever holding a volume.
+    or a generator without ever holding a volume. Border cubes are counted by (truth area class,
+    prediction area class) in integers and turned into areas only at the end, so the result does
+    not depend on summation order or chunking, and identical masks give exactly 1.0.
     """
 
     def __init__(self) -> None:
-        self.numerator = 0.0
-        self.denominator = 0.0
+        self.pair_counts = np.zeros((_N_CLASSES, _N_CLASSES), dtype=np.int64)
         self._previous: np.ndarray | None = None
         self._shape: tuple[int, int] | None = None
 
@@ -86,15 +92,13 @@ class SurfaceDiceAccumulator:
 
         Both masks empty -> 0.0, as the official scorer (0 / max(0, 1e-8)).
         """
-        numerator, denominator = self.totals()
-        return numerator / max(denominator, 1e-8)
+        return _surface_dice_from_counts(self.closed_counts())
 
-    def totals(self) -> tuple[float, float]:
-        """(numerator, denominator) including the cubes between the last slice and the padding."""
+    def closed_counts(self) -> np.ndarray:
+        """``pair_counts`` plus the cubes between the last slice and the zero padding after it."""
         if self._previous is None:
-            return self.numerator, self.denominator
-        numerator, denominator = _cube_sums(self._previous, np.zeros_like(self._previous))
-        return self.numerator + numerator, self.denominator + denominator
+            return self.pair_counts.copy()
+        return self.pair_counts + _cube_pair_counts(self._previous, np.zeros_like(self._previous))
 
     def _quads(self, truth_slice: np.ndarray, pred_slice: np.ndarray) -> np.ndarray:
         truth_slice, pred_slice = np.asarray(truth_slice), np.asarray(pred_slice)
@@ -115,9 +119,7 @@ class SurfaceDiceAccumulator:
         return np.zeros((3, (height + 1) * (width + 1)), dtype=np.uint8)
 
     def _add_cubes(self, previous: np.ndarray, current: np.ndarray) -> None:
-        numerator, denominator = _cube_sums(previous, current)
-        self.numerator += numerator
-        self.denominator += denominator
+        self.pair_counts += _cube_pair_counts(previous, current)
 
 
 def surface_dice(truth: np.ndarray, pred: np.ndarray, *, workers: int | None = None) -> float:
@@ -133,21 +135,17 @@ def surface_dice(truth: np.ndarray, pred: np.ndarray, *, workers: int | None = N
     workers = max(1, min(workers or min(os.cpu_count() or 1, 8), depth))
     bounds = np.linspace(0, depth, workers + 1).round().astype(int)
 
-    def score_chunk(start: int, stop: int) -> tuple[float, float]:
+    def count_chunk(start: int, stop: int) -> np.ndarray:
         accumulator = SurfaceDiceAccumulator()
         if start > 0:
             accumulator.prime(truth[start - 1], pred[start - 1])
         for z in range(start, stop):
             accumulator.update(truth[z], pred[z])
-        if stop == depth:
-            return accumulator.totals()
-        return accumulator.numerator, accumulator.denominator
+        return accumulator.closed_counts() if stop == depth else accumulator.pair_counts
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        sums = list(pool.map(score_chunk, bounds[:-1], bounds[1:]))
-    numerator = sum(n for n, _ in sums)
-    denominator = sum(d for _, d in sums)
-    return numerator / max(denominator, 1e-8)
+        counts = sum(pool.map(count_chunk, bounds[:-1], bounds[1:]))
+    return _surface_dice_from_counts(counts)
 
 
 def dice(truth: np.ndarray, pred: np.ndarray) -> float:
@@ -241,20 +239,23 @@ def _quad_codes(mask: np.ndarray, padded: np.ndarray, out: np.ndarray) -> None:
     out |= pairs[1:]
 
 
-def _cube_sums(previous: np.ndarray, current: np.ndarray) -> tuple[float, float]:
-    """(matched area, total area) of both masks' border cubes between two slices' codes."""
+def _cube_pair_counts(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Counts of touched cubes between two slices by (truth area class, prediction area class)."""
     touched = np.flatnonzero((previous[2] | current[2]).view(np.bool_))
     if touched.size == 0:
-        return 0.0, 0.0
+        return np.zeros((_N_CLASSES, _N_CLASSES), dtype=np.int64)
     truth_codes = previous[0, touched] << 4
     truth_codes |= current[0, touched]
     pred_codes = previous[1, touched] << 4
     pred_codes |= current[1, touched]
-    truth_area = SURFACE_AREA[truth_codes]
-    pred_area = SURFACE_AREA[pred_codes]
-    matched = (truth_area > 0) & (pred_area > 0)
-    numerator = float(truth_area[matched].sum() + pred_area[matched].sum())
-    return numerator, float(truth_area.sum() + pred_area.sum())
+    pair_index = _AREA_CLASS[truth_codes].astype(np.intp) * _N_CLASSES + _AREA_CLASS[pred_codes]
+    return np.bincount(pair_index, minlength=_N_CLASSES**2).reshape(_N_CLASSES, _N_CLASSES)
+
+
+def _surface_dice_from_counts(pair_counts: np.ndarray) -> float:
+    numerator = float((pair_counts * _MATCHED_PAIR_AREA).sum())
+    denominator = float((pair_counts * _PAIR_AREA).sum())
+    return numerator / max(denominator, 1e-8)
 
 
 def _check_pair(truth: np.ndarray, pred: np.ndarray, ndims: Iterable[int] = (3,)) -> None:

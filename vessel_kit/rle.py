@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
 import pandas as pd
+
+from .atomic import atomic_output
 
 EMPTY_RLE = "1 0"
 SUBMISSION_COLUMNS = ("id", "rle")
@@ -116,17 +118,16 @@ class SubmissionWriter:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._ids: set[str] = set()
-        self._file = None
+        self._stack = ExitStack()
         self._writer = None
 
     def __enter__(self) -> SubmissionWriter:
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"output folder {self.path.parent} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp_path = Path(tmp)
-        self._file = os.fdopen(fd, "w", newline="")
-        self._writer = csv.writer(self._file, lineterminator="\n")
-        self._writer.writerow(SUBMISSION_COLUMNS)
+        with ExitStack() as stack:
+            tmp = stack.enter_context(atomic_output(self.path))
+            file = stack.enter_context(open(tmp, "w", newline=""))
+            self._writer = csv.writer(file, lineterminator="\n")
+            self._writer.writerow(SUBMISSION_COLUMNS)
+            self._stack = stack.pop_all()
         return self
 
     def add_slice(self, row_id: str, mask: np.ndarray) -> None:
@@ -155,12 +156,8 @@ class SubmissionWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._file is not None
-        self._file.close()
-        if exc_type is None:
-            os.replace(self._tmp_path, self.path)
-        else:
-            self._tmp_path.unlink(missing_ok=True)
+        self._writer = None
+        self._stack.__exit__(exc_type, exc, tb)  # closes the file, then renames or removes it
 
 
 def write_submission(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from tqdm.auto import tqdm
+
+from .atomic import atomic_output
 
 PathLike = str | os.PathLike
 SliceSource = PathLike | Sequence[PathLike]
@@ -167,14 +168,8 @@ def write_volume(
         if image.dtype == np.bool_:
             image = image.view(np.uint8) * np.uint8(255)
         path = folder / f"{stem}.tif"
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
+        with atomic_output(path) as tmp:
             tifffile.imwrite(tmp, image, photometric="minisblack", rowsperstrip=image.shape[0])
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         paths.append(path)
     return paths
 

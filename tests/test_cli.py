@@ -1,0 +1,59 @@
+"""The vessel-kit command line: synth, validate, score, demo; errors as one line, exit status 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from vessel_kit.cli import main
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli") / "data"
+    assert main(["synth", str(root), "--scale", "0.4", "--seed", "3"]) == 0
+    return root
+
+
+def test_synth_score_and_validate(dataset, capsys):
+    solution = pd.read_csv(dataset / "solution.csv", dtype=str, keep_default_na=False)
+    perfect = dataset.parent / "perfect.csv"
+    solution[["id", "rle"]].to_csv(perfect, index=False)
+    assert main(["validate", str(perfect), str(dataset / "sample_submission.csv")]) == 0
+    assert main(["score", str(dataset / "solution.csv"), str(perfect), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out.split("valid\n", 1)[1])
+    assert scores == {"kidney_5": 1.0, "kidney_6": 1.0, "mean": 1.0}
+    assert main(["score", str(dataset / "solution.csv"), str(dataset / "sample_submission.csv")]) == 0
+    assert re.search(r"mean\s+0\.0000", capsys.readouterr().out)  # the all-empty sample scores 0
+
+
+def test_errors_are_one_line(dataset, capsys):
+    assert main(["synth", str(dataset)]) == 2  # refuses to write into a non-empty folder
+    assert main(["score", str(dataset / "solution.csv"), str(dataset / "missing.csv")]) == 2
+    bad = dataset.parent / "bad.csv"
+    bad.write_text("id,rle\nkidney_5_0000,1 2 3\n")
+    assert main(["validate", str(bad), str(dataset / "sample_submission.csv")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
+    assert "missing.csv does not exist" in errors[1]
+    assert "kidney_5_0000: RLE has an odd number of values" in errors[2]
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--scale", "0.4"]) == 0
+    out = capsys.readouterr().out
+    assert "kidney_5" in out and "kidney_6" in out and "submission:" in out
+    assert (tmp_path / "demo" / "submission.csv").is_file()
+
+
+def test_console_script_is_installed():
+    executable = shutil.which("vessel-kit", path=str(__import__("pathlib").Path(sys.executable).parent))
+    assert executable, "the vessel-kit console script is not installed next to this Python"
+    result = subprocess.run([executable, "--help"], capture_output=True, text=True, check=True)
+    assert "synth" in result.stdout and "score" in result.stdout
