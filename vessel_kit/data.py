@@ -1,0 +1,332 @@
+"""2.5D training crops cut along xy, xz and yz from several volumes, with foreground-aware
+sampling, sparse/soft labels and albumentations augmentation.
+
+A crop along axis ``a`` is ``in_chans`` neighbouring slices along ``a`` (edges replicated) around
+a centre voxel, ``crop_size`` pixels square in the other two axes, channels first. Only the crop
+is read from the volume, so volumes can be ``np.memmap``s far larger than memory
+(``cache_volume`` writes them once from the TIFF slices).
+
+Targets are the centre slice's labels as float32 in [0, 1]: bool labels, uint8 soft labels
+(0..255) and float16/float32 probabilities (pseudo-labels) are all accepted. ``valid`` is 1 where
+a pixel counts for the loss: 0 in padding, in areas rotated in by augmentation, and where a
+volume's optional ignore mask says so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .atomic import atomic_output
+from .layout import VolumeInfo
+from .normalize import Normalization
+from .volume import read_labels
+
+AXES = ("xy", "xz", "yz")
+AUGMENTATIONS = ("hard", "light", "none")
+SLICE_AXIS = {"xy": 0, "xz": 1, "yz": 2}  # the array axis each view slices along
+
+__all__ = [
+    "AUGMENTATIONS",
+    "AXES",
+    "CropConfig",
+    "CropDataset",
+    "TrainVolume",
+    "build_augmentation",
+    "cache_volume",
+    "extract_crop",
+]
+
+
+@dataclass
+class TrainVolume:
+    """One training volume.
+
+    Attributes:
+        name: for logs.
+        images: (Z, Y, X) integer intensities (array or memmap).
+        target: (Z, Y, X) labels: bool, uint8 soft labels 0..255, or float probabilities.
+        valid: optional (Z, Y, X) mask, nonzero where labels are trusted (sparse annotation).
+        weight: how often this volume is sampled relative to the others.
+        voxel_size_um: its voxel size, recorded in checkpoints.
+    """
+
+    name: str
+    images: np.ndarray
+    target: np.ndarray
+    valid: np.ndarray | None = None
+    weight: float = 1.0
+    voxel_size_um: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 3:
+            raise ValueError(f"volume {self.name!r}: images must be (Z, Y, X), got shape {self.images.shape}")
+        for label, array in (("target", self.target), ("valid", self.valid)):
+            if array is not None and array.shape != self.images.shape:
+                raise ValueError(
+                    f"volume {self.name!r}: {label} shape {array.shape} differs from images {self.images.shape}"
+                )
+        if self.target.dtype.kind not in "buf":
+            raise ValueError(f"volume {self.name!r}: target dtype {self.target.dtype} is not bool, uint8 or float")
+        if not self.weight > 0:
+            raise ValueError(f"volume {self.name!r}: weight must be > 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """How crops are cut and sampled.
+
+    ``axes`` maps axis names to sampling weights (e.g. ``{"xy": 1.0}`` for 2D-xy only);
+    ``foreground_fraction`` of the crops are centred near a labelled vessel voxel, the rest
+    anywhere; ``in_chans`` must be odd (1 = 2D, 3/5 = 2.5D).
+    """
+
+    crop_size: int = 256
+    in_chans: int = 1
+    axes: Mapping[str, float] = field(default_factory=lambda: {"xy": 1.0, "xz": 1.0, "yz": 1.0})
+    foreground_fraction: float = 0.5
+    crops_per_epoch: int = 1000
+    augment: str = "hard"
+    max_foreground_points: int = 200_000
+
+    def __post_init__(self) -> None:
+        if self.crop_size < 32 or self.crop_size % 32:
+            raise ValueError(f"crop_size must be a positive multiple of 32, got {self.crop_size}")
+        if self.in_chans < 1 or self.in_chans % 2 == 0:
+            raise ValueError(f"in_chans must be odd (1, 3, 5, ...), got {self.in_chans}")
+        unknown = set(self.axes) - set(AXES)
+        if unknown or not self.axes or min(self.axes.values()) < 0 or sum(self.axes.values()) <= 0:
+            raise ValueError(f"axes must map some of {AXES} to non-negative weights, got {dict(self.axes)}")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+        if self.crops_per_epoch < 1:
+            raise ValueError(f"crops_per_epoch must be >= 1, got {self.crops_per_epoch}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+
+
+class CropDataset(Dataset):
+    """Random 2.5D crops from several volumes; item ``i`` of epoch ``e`` is deterministic.
+
+    Items are dicts of float32 tensors: ``image`` (C, S, S), ``target`` (1, S, S) and ``valid``
+    (1, S, S). Call ``set_epoch`` before each epoch for fresh crops.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[TrainVolume],
+        config: CropConfig,
+        normalization: Normalization,
+        *,
+        seed: int = 0,
+    ) -> None:
+        if not volumes:
+            raise ValueError("CropDataset needs at least one volume")
+        self.volumes = list(volumes)
+        self.config = config
+        self.normalization = normalization
+        self.seed = seed
+        self.epoch = 0
+        self.windows = [normalization.window(v.images) for v in self.volumes]
+        self.foreground = [_foreground_points(v.target, config.max_foreground_points, seed) for v in self.volumes]
+        self.augment = build_augmentation(config.augment)
+        weights = np.array([v.weight for v in self.volumes], dtype=float)
+        self._volume_p = weights / weights.sum()
+        axes = [a for a in AXES if config.axes.get(a, 0) > 0]
+        self._axes = axes
+        axis_weights = np.array([config.axes[a] for a in axes], dtype=float)
+        self._axis_p = axis_weights / axis_weights.sum()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.config.crops_per_epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item_seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        rng = np.random.default_rng(item_seed)
+        volume_index = rng.choice(len(self.volumes), p=self._volume_p)
+        volume = self.volumes[volume_index]
+        axis = self._axes[rng.choice(len(self._axes), p=self._axis_p)]
+        centre = self._centre(rng, volume_index, SLICE_AXIS[axis])
+        size, chans = self.config.crop_size, self.config.in_chans
+        image, inside = extract_crop(volume.images, axis, centre, size, chans)
+        image = self.normalization.apply(image, self.windows[volume_index])
+        image[:, ~inside] = 0.0
+        target, _ = extract_crop(volume.target, axis, centre, size, 1)
+        target = _as_probability(target[0])
+        valid = inside.astype(np.float32)
+        if volume.valid is not None:
+            valid *= extract_crop(volume.valid, axis, centre, size, 1)[0][0] != 0
+        if self.augment is not None:
+            if chans > 1 and rng.random() < 0.5:
+                image = image[::-1]  # slice-order reversal: the neighbours' order carries no meaning
+            self.augment.set_random_seed(int(item_seed % 2**31))
+            out = self.augment(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=target, valid=valid)
+            image, target, valid = out["image"].transpose(2, 0, 1), out["mask"], out["valid"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))[None],
+            "valid": torch.from_numpy(np.ascontiguousarray(valid, dtype=np.float32))[None],
+        }
+
+    def _centre(self, rng: np.random.Generator, volume_index: int, slice_axis: int) -> tuple[int, int, int]:
+        shape = np.array(self.volumes[volume_index].images.shape)
+        points = self.foreground[volume_index]
+        if len(points) and rng.random() < self.config.foreground_fraction:
+            # Near, not on, a vessel voxel, so vessels are not always at the crop centre; the
+            # jitter is in-plane only, so the target slice still holds that voxel.
+            jitter = rng.integers(-self.config.crop_size // 4, self.config.crop_size // 4 + 1, size=3)
+            jitter[slice_axis] = 0
+            centre = points[rng.integers(len(points))] + jitter
+        else:
+            centre = (rng.random(3) * shape).astype(int)
+        return tuple(int(c) for c in np.clip(centre, 0, shape - 1))
+
+
+def extract_crop(
+    volume: np.ndarray,
+    axis: str,
+    centre: Sequence[int],
+    size: int,
+    in_chans: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a (in_chans, size, size) crop along ``axis`` around ``centre`` (z, y, x).
+
+    Channels are the ``in_chans`` slices centred on ``centre`` along the slicing axis, indices
+    clamped to the volume (edge replication). In-plane, the window is shifted to stay inside the
+    volume and zero-padded where the volume is smaller than ``size``. Returns (crop, inside), where
+    ``inside`` is a (size, size) bool mask of the pixels that came from the volume.
+    """
+    if axis not in SLICE_AXIS:
+        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+    slice_axis = SLICE_AXIS[axis]
+    plane_axes = [a for a in range(3) if a != slice_axis]
+    half = in_chans // 2
+    channels = np.clip(np.arange(centre[slice_axis] - half, centre[slice_axis] + half + 1), 0, volume.shape[slice_axis] - 1)
+    index: list[object] = [None, None, None]
+    index[slice_axis] = channels
+    extents = []
+    for a in plane_axes:
+        length = volume.shape[a]
+        start = int(np.clip(centre[a] - size // 2, 0, max(length - size, 0)))
+        stop = min(start + size, length)
+        index[a] = slice(start, stop)
+        extents.append(stop - start)
+    # Reads only the crop from a memmap; moveaxis puts the channel axis first.
+    crop = np.moveaxis(volume[tuple(index)], slice_axis, 0)
+    out = np.zeros((in_chans, size, size), dtype=crop.dtype)
+    out[:, : extents[0], : extents[1]] = crop
+    inside = np.zeros((size, size), dtype=bool)
+    inside[: extents[0], : extents[1]] = True
+    return out, inside
+
+
+def build_augmentation(kind: str) -> A.Compose | None:
+    """The "hard" (5th-place style), "light" or no ("none") augmentation pipeline.
+
+    Works on HWC float32 images of any channel count, with the target and the valid mask as masks;
+    areas rotated or shifted in are filled with 0 in image, target and valid. The scale range of
+    "hard" (0.7-1.3) covers the 50 -> 63 µm change of the private test volume.
+    """
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {kind!r}")
+    if kind == "none":
+        return None
+    geometric = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
+    if kind == "light":
+        photometric = [A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5)]
+        return A.Compose([*geometric, *photometric], additional_targets={"valid": "mask"})
+    geometric.append(
+        A.Affine(
+            scale=(0.7, 1.3), translate_percent=(-0.1, 0.1), rotate=(-45, 45), shear=(-5, 5),
+            border_mode=0, fill=0, fill_mask=0, p=0.7,
+        )
+    )
+    geometric.append(
+        A.OneOf(
+            [
+                A.GridDistortion(num_steps=5, distort_limit=0.2, border_mode=0, p=1.0),
+                A.ElasticTransform(alpha=30, sigma=6, border_mode=0, p=1.0),
+            ],
+            p=0.25,
+        )
+    )
+    photometric = [
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.7),
+        A.RandomGamma(gamma_limit=(70, 150), p=0.3),
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 5), p=1.0), A.MotionBlur(blur_limit=(3, 5), p=1.0)], p=0.2),
+        A.GaussNoise(std_range=(0.01, 0.05), p=0.3),
+    ]
+    return A.Compose([*geometric, *photometric], additional_targets={"valid": "mask"})
+
+
+def cache_volume(
+    info: VolumeInfo, cache_dir: str | os.PathLike, *, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images, labels) of a volume as read-only memmaps, written once under ``cache_dir``.
+
+    The first call reads the TIFF slices into ``<cache_dir>/<name>_images.npy`` (and
+    ``_labels.npy``); later calls only map the files. Lets training sample crops from volumes far
+    larger than memory. Files are written atomically, so an interrupted cache is rebuilt.
+    """
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = info.shape
+
+    def cached(kind: str, dtype: type, read) -> np.ndarray:
+        path = folder / f"{info.name}_{kind}.npy"
+        if not path.is_file():
+            with atomic_output(path) as tmp:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+                read(out)
+                out.flush()
+                del out
+        mapped = np.load(path, mmap_mode="r")
+        if mapped.shape != shape:
+            raise ValueError(f"cached {path} has shape {mapped.shape}, the volume is {shape}; delete it to rebuild")
+        return mapped
+
+    images = cached("images", np.uint16, lambda out: info.read_images(out=out, progress=progress))
+    labels = None
+    if info.label_paths is not None:
+        labels = cached("labels", np.bool_, lambda out: np.copyto(out, read_labels(info.label_paths, progress=progress)))
+    return images, labels
+
+
+def _foreground_points(target: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Up to ``limit`` (z, y, x) coordinates of labelled voxels (target >= 0.5), read slice by slice."""
+    threshold = _half(target.dtype)
+    per_slice = []
+    for z in range(target.shape[0]):
+        ys, xs = np.nonzero(target[z] >= threshold)
+        if ys.size:
+            per_slice.append(np.stack([np.full_like(ys, z), ys, xs], axis=1))
+    if not per_slice:
+        return np.empty((0, 3), dtype=np.int64)
+    points = np.concatenate(per_slice)
+    if len(points) > limit:
+        points = points[np.random.default_rng(seed).choice(len(points), limit, replace=False)]
+    return points
+
+
+def _half(dtype: np.dtype) -> float | bool:
+    """The value at or above which a label of this dtype counts as vessel."""
+    if dtype == np.bool_:
+        return True
+    return 128 if dtype == np.uint8 else 0.5
+
+
+def _as_probability(target: np.ndarray) -> np.ndarray:
+    """Labels of any accepted dtype as float32 in [0, 1]."""
+    if target.dtype == np.uint8:
+        return target.astype(np.float32) * np.float32(1 / 255)
+    return target.astype(np.float32)
