@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
@@ -58,6 +59,7 @@ _AREA_SYMBOLS = (
 _AREA_CLASS = np.array([int(symbol, 16) for symbol in _AREA_SYMBOLS], dtype=np.uint8)
 SURFACE_AREA = _AREA_VALUES[_AREA_CLASS]
 _N_CLASSES = len(_AREA_VALUES)
+_QUAD_KERNEL = np.array([[8, 4], [2, 1]], dtype=np.float32)
 # Area of a (truth class, prediction class) cube pair, in total and where both are border cubes.
 _PAIR_AREA = _AREA_VALUES[:, None] + _AREA_VALUES[None, :]
 _MATCHED_PAIR_AREA = _PAIR_AREA * ((_AREA_VALUES[:, None] > 0) & (_AREA_VALUES[None, :] > 0))
@@ -214,7 +216,7 @@ def _slice_codes(truth_slice: np.ndarray, pred_slice: np.ndarray) -> np.ndarray:
     """
     height, width = truth_slice.shape
     codes = np.empty((3, (height + 1) * (width + 1)), dtype=np.uint8)
-    padded = np.zeros((height + 2, width + 2), dtype=np.uint8)
+    padded = np.zeros((height + 1, width + 1), dtype=np.uint8)
     for row, mask in enumerate((truth_slice, pred_slice)):
         _quad_codes(mask, padded, codes[row].reshape(height + 1, width + 1))
     np.bitwise_or(codes[0], codes[1], out=codes[2])
@@ -226,17 +228,16 @@ def _quad_codes(mask: np.ndarray, padded: np.ndarray, out: np.ndarray) -> None:
     """Write the 4-bit code of every 2x2 neighbourhood of the zero-padded slice into ``out``.
 
     Bit 3 = (y0, x0), bit 2 = (y0, x1), bit 1 = (y1, x0), bit 0 = (y1, x1). ``padded`` is a
-    (H+2, W+2) scratch buffer whose one-pixel border must be zero.
+    (H+1, W+1) scratch buffer whose first row and column must be zero; the padding after the
+    last row and column is OpenCV's constant-zero border. One ``cv2.filter2D`` pass (anchor at
+    the kernel's top-left) is ~4x faster than the equivalent numpy shifts.
     """
-    inner = padded[1:-1, 1:-1]
+    inner = padded[1:, 1:]
     if mask.dtype == np.bool_:
         inner[...] = mask.view(np.uint8)
     else:
         np.not_equal(mask, 0, out=inner.view(np.bool_))
-    pairs = padded[:, :-1] << 1
-    pairs |= padded[:, 1:]
-    np.left_shift(pairs[:-1], 2, out=out)
-    out |= pairs[1:]
+    cv2.filter2D(padded, cv2.CV_8U, _QUAD_KERNEL, dst=out, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
 
 
 def _cube_pair_counts(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
