@@ -1,7 +1,11 @@
 """vessel_kit: blood-vessel segmentation of 3D HiP-CT kidney scans (SenNet + HOA).
 
 The public API, re-exported explicitly. Arrays are (Z, Y, X) = (slice, row, column) everywhere.
+I/O, RLE and the metric import eagerly (numpy only); the deep-learning parts (torch, smp, timm,
+albumentations, ~2 s to import) load on first use, so scoring and file work stay fast to start.
 """
+
+from importlib import import_module
 
 from .layout import KNOWN_VOXEL_SIZES_UM, VolumeInfo, find_volumes
 from .metric import SurfaceDiceAccumulator, dice, score_submission, surface_dice
@@ -19,6 +23,35 @@ from .rle import (
 from .volume import read_labels, read_slice_header, read_volume, slice_files, slice_ids, write_volume
 
 __version__ = "0.1.0"
+
+# Name -> submodule, imported on first access (PEP 562).
+_LAZY = {
+    "CropConfig": "data",
+    "CropDataset": "data",
+    "TrainVolume": "data",
+    "cache_volume": "data",
+    "predict_slices": "infer",
+    "build_loss": "losses",
+    "ModelConfig": "models",
+    "ModelEMA": "models",
+    "build_model": "models",
+    "load_checkpoint": "models",
+    "save_checkpoint": "models",
+    "make_pseudo_labels": "pseudo",
+    "make_synthetic_dataset": "synth",
+    "make_synthetic_volume": "synth",
+    "TrainConfig": "train",
+    "train": "train",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vessel_kit' has no attribute {name!r}")
+
 
 __all__ = [
     "EMPTY_RLE",
@@ -45,4 +78,5 @@ __all__ = [
     "validate_submission",
     "write_submission",
     "write_volume",
+    *sorted(_LAZY),
 ]

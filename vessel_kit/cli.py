@@ -1,4 +1,4 @@
-"""The ``vessel-kit`` command line: ``synth``, ``score``, ``validate`` and ``demo``.
+"""The ``vessel-kit`` command line: ``synth``, ``train``, ``score``, ``validate`` and ``demo``.
 
 A thin layer: parse arguments, call the library, print results. Bad input surfaces as a one-line
 ``error: ...`` message and exit status 2, not a traceback.
@@ -47,6 +47,10 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_run_synth)
 
+    train = commands.add_parser("train", help="train a model from a YAML config (see vessel_kit.train.TrainConfig)")
+    train.add_argument("--config", type=Path, required=True, help="YAML file of TrainConfig options")
+    train.set_defaults(run=_run_train)
+
     score = commands.add_parser("score", help="score a submission against a solution CSV")
     score.add_argument("solution", type=Path, help="CSV with id,rle,width,height,image,slice")
     score.add_argument("submission", type=Path, help="CSV with id,rle")
@@ -71,6 +75,16 @@ def _run_synth(args: argparse.Namespace) -> int:
 
     root = make_synthetic_dataset(args.root, scale=args.scale, seed=args.seed)
     print(f"synthetic dataset written to {root}")
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    if not args.config.is_file():
+        raise FileNotFoundError(f"config file {args.config} does not exist")
+    result = train(TrainConfig.from_yaml(args.config))
+    print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch}: {result.best_checkpoint}")
     return 0
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "build_augmentation",
     "cache_volume",
     "extract_crop",
+    "vessel_mask",
 ]
 
 
@@ -302,12 +303,18 @@ def cache_volume(
     return images, labels
 
 
+def vessel_mask(target: np.ndarray) -> np.ndarray:
+    """Where a target of any accepted dtype says vessel: probability >= 0.5 (uint8 >= 128)."""
+    if target.dtype == np.bool_:
+        return np.asarray(target)
+    return target >= (128 if target.dtype == np.uint8 else 0.5)
+
+
 def _foreground_points(target: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """Up to ``limit`` (z, y, x) coordinates of labelled voxels (target >= 0.5), read slice by slice."""
-    threshold = _half(target.dtype)
+    """Up to ``limit`` (z, y, x) coordinates of labelled voxels, read slice by slice."""
     per_slice = []
     for z in range(target.shape[0]):
-        ys, xs = np.nonzero(target[z] >= threshold)
+        ys, xs = np.nonzero(vessel_mask(target[z]))
         if ys.size:
             per_slice.append(np.stack([np.full_like(ys, z), ys, xs], axis=1))
     if not per_slice:
@@ -316,13 +323,6 @@ def _foreground_points(target: np.ndarray, limit: int, seed: int) -> np.ndarray:
     if len(points) > limit:
         points = points[np.random.default_rng(seed).choice(len(points), limit, replace=False)]
     return points
-
-
-def _half(dtype: np.dtype) -> float | bool:
-    """The value at or above which a label of this dtype counts as vessel."""
-    if dtype == np.bool_:
-        return True
-    return 128 if dtype == np.uint8 else 0.5
 
 
 def _as_probability(target: np.ndarray) -> np.ndarray:

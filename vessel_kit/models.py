@@ -1,0 +1,610 @@
+"""Segmentation models: building, input-size rule, checkpoints, training state and weight EMA.
+
+A model is any ``torch.nn.Module`` mapping (B, C, H, W) float input to (B, 1, H, W) logits; the
+ones built here are segmentation_models_pytorch (smp) networks with one output class and no
+activation. Everything works offline: pretrained encoder weights are never downloaded, only read
+from a local file.
+
+Input size: every side given to a model must be a multiple of ``model_stride(model)``; callers pad
+(the inference engine pads tiles up to it). For most encoders that is 32 (five 2x downsamplings;
+FPN and Unet++ raise at forward otherwise, while Unet runs but interpolates its skips, which
+misaligns features, so pad it too). MaxViT encoders also partition every stage into fixed
+windows/grids of ``img_size // 32`` tokens (``img_size`` is the timm model's, e.g. 512 for
+``maxvit_base_tf_512``), so a side must be a multiple of ``img_size``: 512 for
+``tu-maxvit_base_tf_512``, 224 for ``*_224`` and 256 for ``*_256`` variants. Passing
+``img_size=S`` (a multiple of 32) to ``build_model`` changes that multiple to S, but resizes the
+relative-position tables, so weights pretrained at another size no longer load (ValueError).
+
+Checkpoints are single ``.safetensors`` files: the model's tensors plus JSON metadata (the
+``ModelConfig`` needed to rebuild the model, metrics, extra data and versions). Loading one runs no
+pickled code. Training state for resuming (optimizer, scheduler, EMA) is a ``torch.save`` file of
+plain tensors and containers, read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import timm
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_model
+from timm.models import adapt_input_conv
+from torch import nn
+
+from .atomic import atomic_output
+from .normalize import Normalization
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    name: smp.MODEL_ARCHITECTURES_MAPPING[name] for name in ("unet", "unetplusplus", "fpn")
+}
+DEFAULT_ARCH = "unet"
+DEFAULT_ENCODER = "tu-maxvit_base_tf_512"
+DEFAULT_STRIDE = 32
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+CHECKPOINT_FORMAT_VERSION = 1
+TRAINING_STATE_FORMAT_VERSION = 1
+
+_METADATA_KEY = "vessel_kit"
+_RESERVED_KWARGS = frozenset({"encoder_name", "encoder_weights", "in_channels", "classes", "activation"})
+_KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "encoder.")
+_STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model")
+_SHOWN_KEYS = 5
+_PLAIN_TYPES = (str, int, float, bool, type(None))  # exact types: numpy scalars subclass float
+
+__all__ = [
+    "ARCHITECTURES",
+    "CHECKPOINT_FORMAT_VERSION",
+    "DEFAULT_STRIDE",
+    "ModelConfig",
+    "ModelEMA",
+    "build_model",
+    "build_model_from_config",
+    "list_encoders",
+    "load_checkpoint",
+    "load_training_state",
+    "model_stride",
+    "read_checkpoint_metadata",
+    "save_checkpoint",
+    "save_training_state",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def build_model(
+    arch: str = DEFAULT_ARCH,
+    encoder: str = DEFAULT_ENCODER,
+    in_chans: int = 1,
+    encoder_weights: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """An smp segmentation model with one output channel of logits.
+
+    ``arch`` is a key of ``ARCHITECTURES`` (any case). ``encoder`` is an smp encoder name or a timm
+    model prefixed ``tu-`` (see ``list_encoders``). ``in_chans`` sets the stem's input channels.
+    ``encoder_weights`` is None (random init) or a local weights file (.pth/.pt/.bin/.ckpt/
+    .safetensors) holding an encoder (smp or timm) or a full model state dict: only its encoder
+    tensors are used, and a 3-channel stem is adapted to ``in_chans`` as timm does. ``kwargs`` go to
+    the smp model (e.g. ``decoder_channels``, ``encoder_depth``, or ``img_size`` for timm encoders).
+    """
+    arch_class = _architecture(arch)
+    _check_encoder(encoder)
+    _check_in_chans(in_chans)
+    _check_model_kwargs(kwargs)
+    weights_path = _weights_path(encoder_weights)
+    model = arch_class(
+        encoder_name=encoder, encoder_weights=None, in_channels=in_chans, classes=1, activation=None, **kwargs
+    )
+    if weights_path is not None:
+        _load_encoder_weights(model.encoder, weights_path)
+    return model
+
+
+def list_encoders() -> list[str]:
+    """Every valid encoder name: smp's own encoders and every timm model prefixed ``tu-``."""
+    return sorted(smp.encoders.get_encoder_names()) + [f"tu-{name}" for name in timm.list_models()]
+
+
+def model_stride(model: nn.Module) -> int:
+    """The multiple every input side must be (pad up to it): the encoder's output stride, raised
+    to cover MaxViT-style window/grid partitions (side % (stage reduction * partition) == 0).
+
+    Models without an smp ``encoder`` get ``DEFAULT_STRIDE``.
+    """
+    encoder = getattr(_unwrap(model), "encoder", None)
+    stride = int(getattr(encoder, "output_stride", DEFAULT_STRIDE))
+    timm_model = getattr(encoder, "model", None)
+    if not isinstance(timm_model, nn.Module):
+        return stride
+    reductions = _stage_reductions(timm_model)
+    for name, module in timm_model.named_modules():
+        partition = getattr(module, "partition_size", None)
+        if partition is not None:
+            # The deepest stage's reduction is a safe bound for blocks outside any known stage.
+            reduction = reductions.get(name.split(".")[0], max(reductions.values(), default=DEFAULT_STRIDE))
+            stride = math.lcm(stride, *(reduction * int(p) for p in partition))
+    return stride
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a trained model and feed it what it was trained on.
+
+    ``voxel_size_um`` is the training data's voxel size (None if unknown or mixed), so inference
+    can rescale other scans; ``tile_size`` is the training tile side; ``model_kwargs`` are extra
+    ``build_model`` keyword arguments (JSON-serialisable; stored in canonical JSON form).
+    """
+
+    arch: str = DEFAULT_ARCH
+    encoder: str = DEFAULT_ENCODER
+    in_chans: int = 1
+    normalization: Normalization = field(default_factory=Normalization)
+    voxel_size_um: float | None = None
+    tile_size: int = 512
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _architecture(self.arch)
+        _check_encoder(self.encoder)
+        _check_in_chans(self.in_chans)
+        if not isinstance(self.normalization, Normalization):
+            raise ValueError(f"normalization must be a Normalization, got {type(self.normalization).__name__}")
+        if self.voxel_size_um is not None:
+            if not float(self.voxel_size_um) > 0:
+                raise ValueError(f"voxel_size_um must be positive or None, got {self.voxel_size_um}")
+            object.__setattr__(self, "voxel_size_um", float(self.voxel_size_um))
+        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1:
+            raise ValueError(f"tile_size must be a positive int, got {self.tile_size!r}")
+        _check_model_kwargs(self.model_kwargs)
+        object.__setattr__(self, "model_kwargs", _json_round_trip(self.model_kwargs, "model_kwargs"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; ``from_dict`` inverts it."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["normalization"] = self.normalization.to_dict()
+        values["model_kwargs"] = dict(self.model_kwargs)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        valid = {f.name for f in fields(cls)}
+        unknown = set(values) - valid
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; valid: {sorted(valid)}")
+        values = dict(values)
+        if "normalization" in values:
+            values["normalization"] = Normalization.from_dict(values["normalization"])
+        return cls(**values)
+
+
+def build_model_from_config(config: ModelConfig, *, encoder_weights: str | os.PathLike | None = None) -> nn.Module:
+    """``build_model`` with ``config``'s settings; checks that ``tile_size`` fits the model's stride."""
+    model = build_model(config.arch, config.encoder, config.in_chans, encoder_weights, **config.model_kwargs)
+    stride = model_stride(model)
+    if config.tile_size % stride:
+        raise ValueError(
+            f"tile_size {config.tile_size} is not a multiple of {stride}, the input multiple of "
+            f"{config.arch}/{config.encoder}"
+        )
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    config: ModelConfig,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s weights and ``config`` (plus JSON-serialisable ``metrics``/``extra``) to
+    one ``.safetensors`` file, atomically. Tied tensors are stored once."""
+    path = Path(path)
+    header = {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "versions": _versions(),
+        "config": config.to_dict(),
+        "metrics": _json_round_trip(dict(metrics or {}), "metrics"),
+        "extra": _json_round_trip(dict(extra or {}), "extra"),
+    }
+    with atomic_output(path) as tmp:
+        save_model(_unwrap(model), str(tmp), metadata={_METADATA_KEY: json.dumps(header)}, force_contiguous=True)
+    return path
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's metadata without loading its tensors: ``config`` (a ``ModelConfig``),
+    ``metrics``, ``extra``, ``versions`` (of the writing packages) and ``format_version``."""
+    path = _existing_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+    if _METADATA_KEY not in metadata:
+        raise ValueError(f"{path} is a safetensors file but not a vessel_kit checkpoint (no {_METADATA_KEY!r} entry)")
+    try:
+        header = json.loads(metadata[_METADATA_KEY])
+        version = int(header["format_version"])
+        if version > CHECKPOINT_FORMAT_VERSION:
+            raise ValueError(
+                f"format version {version} is newer than this vessel_kit reads ({CHECKPOINT_FORMAT_VERSION}); "
+                f"it was written by vessel_kit {header['versions'].get('vessel_kit')}"
+            )
+        header["config"] = ModelConfig.from_dict(header["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: bad vessel_kit checkpoint metadata: {err}") from None
+    return header
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
+    """Rebuild the model a checkpoint describes, load its weights strictly, and return it in eval
+    mode on ``device`` together with its ``ModelConfig``."""
+    config = read_checkpoint_metadata(path)["config"]
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path}: cannot read the checkpoint's tensors: {err}") from None
+    model = build_model_from_config(config)
+    _load_strict(model, tensors, path)
+    return model.to(device).eval(), config
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state
+
+
+def save_training_state(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epoch: int,
+    step: int | None = None,
+    scheduler: Any | None = None,
+    ema: ModelEMA | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write what resuming training needs, atomically: the model, optimizer, optional scheduler
+    and EMA states, ``epoch``, ``step`` and ``extra`` (plain data: dicts, lists, str, numbers,
+    bool, None and tensors, e.g. a GradScaler's state or RNG states)."""
+    extra = dict(extra or {})
+    _check_plain(extra, "extra")
+    payload = {
+        "format_version": TRAINING_STATE_FORMAT_VERSION,
+        "epoch": int(epoch),
+        "step": None if step is None else int(step),
+        "extra": extra,
+    }
+    for name, obj in _stateful(model, optimizer, scheduler, ema).items():
+        payload[name] = obj.state_dict()
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_training_state(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scheduler: Any | None = None,
+    ema: ModelEMA | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Restore the given objects from a ``save_training_state`` file (tensors mapped to
+    ``device``) and return ``{"epoch", "step", "extra"}``."""
+    path = _existing_file(path)
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch.load raises many types for bad files; all mean "unreadable"
+        raise ValueError(f"{path} is not a readable training state: {err}") from None
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise ValueError(f"{path} is not a vessel_kit training state")
+    for name, obj in _stateful(model, optimizer, scheduler, ema).items():
+        if name not in payload:
+            raise ValueError(f"{path} holds no {name} state")
+        obj.load_state_dict(payload[name])
+    return {key: payload[key] for key in ("epoch", "step", "extra")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight EMA
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights, for validation and saving.
+
+    Each ``update`` moves every floating-point parameter of ``module`` (a frozen eval-mode copy)
+    towards the model's: ``ema = d * ema + (1 - d) * param``, and copies buffers (BatchNorm
+    statistics) and any other parameters as they are. With warmup the decay after ``step`` updates is
+    ``d = min(decay, (1 + step) / (warmup_steps + step))`` (0.1, 0.18, 0.25, ... for
+    ``warmup_steps=10``), so early random weights fade fast; ``warmup_steps=0`` uses ``decay``
+    from the first update.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup_steps: int = 10) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.step = 0
+        self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+        self.module.zero_grad(set_to_none=True)
+
+    @property
+    def current_decay(self) -> float:
+        """The decay the next ``update`` uses."""
+        if self.warmup_steps == 0:
+            return self.decay
+        return min(self.decay, (1 + self.step) / (self.warmup_steps + self.step))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold ``model``'s current weights into the average."""
+        ema_params, params = [], []
+        for ema, param in zip(self.module.parameters(), _unwrap(model).parameters(), strict=True):
+            if ema.dtype.is_floating_point:
+                ema_params.append(ema)
+                params.append(param.detach())
+            else:
+                ema.copy_(param)
+        if ema_params:
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.current_decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), _unwrap(model).buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+        self.step += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.step = int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Private helpers
+
+
+def _architecture(arch: str) -> type[nn.Module]:
+    try:
+        return ARCHITECTURES[arch.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown architecture {arch!r}; valid: {sorted(ARCHITECTURES)}") from None
+
+
+def _check_encoder(encoder: str) -> None:
+    """Accept smp encoder names and ``tu-<timm model>`` (a pretrained tag such as ``.a1_in1k`` may
+    follow, as timm allows); reject anything else with close matches."""
+    if not isinstance(encoder, str):
+        raise ValueError(f"encoder must be a string, got {encoder!r}")
+    if encoder in smp.encoders.get_encoder_names():
+        return
+    if encoder.startswith("tu-") and timm.is_model(encoder[3:]):
+        return
+    close = difflib.get_close_matches(encoder, list_encoders(), n=5)
+    hint = f"; close matches: {close}" if close else ""
+    raise ValueError(
+        f"unknown encoder {encoder!r}{hint}. Valid: smp encoder names and timm models prefixed 'tu-'; "
+        "list them all with vessel_kit.models.list_encoders()"
+    )
+
+
+def _check_in_chans(in_chans: int) -> None:
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+
+
+def _check_model_kwargs(kwargs: Mapping[str, Any]) -> None:
+    reserved = sorted(_RESERVED_KWARGS & set(kwargs))
+    if reserved:
+        raise ValueError(f"model kwargs {reserved} are set by vessel_kit and cannot be given")
+
+
+def _json_round_trip(values: dict[str, Any], what: str) -> dict[str, Any]:
+    """``values`` as JSON gives them back (tuples become lists; numpy/torch scalars and arrays
+    become numbers and lists), so a stored config compares equal to the loaded one."""
+    try:
+        return json.loads(json.dumps(values, default=_to_json))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be JSON-serialisable: {err}") from None
+
+
+def _to_json(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serialisable")
+
+
+def _versions() -> dict[str, str]:
+    # Imported here: the package's __init__ may import this module before defining __version__.
+    from . import __version__
+
+    return {
+        "vessel_kit": __version__,
+        "torch": torch.__version__,
+        "segmentation_models_pytorch": smp.__version__,
+        "timm": timm.__version__,
+    }
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DataParallel/DistributedDataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _stage_reductions(timm_model: nn.Module) -> dict[str, int]:
+    """Top-level child name -> its feature reduction, from a timm features model's feature_info.
+
+    Feature models name children after the original modules with dots as underscores."""
+    info = getattr(timm_model, "feature_info", None)
+    if info is None:
+        return {}
+    return {entry["module"].replace(".", "_"): int(entry["reduction"]) for entry in info.get_dicts()}
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return path
+
+
+def _weights_path(encoder_weights: str | os.PathLike | None) -> Path | None:
+    """The local weights file named by ``encoder_weights``, refusing anything needing a download."""
+    if encoder_weights is None:
+        return None
+    if isinstance(encoder_weights, (str, os.PathLike)) and Path(encoder_weights).suffix.lower() in WEIGHT_SUFFIXES:
+        return _existing_file(encoder_weights)
+    raise ValueError(
+        f"encoder_weights={encoder_weights!r} is not a local weights file ({', '.join(WEIGHT_SUFFIXES)}). "
+        "Named pretrained weights such as 'imagenet' would need a download, and vessel_kit never downloads "
+        "(it must run offline): save the encoder's weights to a file elsewhere and pass its path, or pass None "
+        "for random initialisation."
+    )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, unwrapping ``{"state_dict": ...}``-style containers."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors/torch raise many types for bad files; all mean "unreadable"
+        raise ValueError(f"cannot read weights from {path}: {err}") from None
+    while isinstance(state, dict) and any(isinstance(state.get(key), dict) for key in _STATE_DICT_WRAPPERS):
+        state = next(state[key] for key in _STATE_DICT_WRAPPERS if isinstance(state.get(key), dict))
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{path} holds no state dict of tensors")
+    return tensors
+
+
+def _strip_prefixes(key: str) -> str:
+    """``key`` without leading wrapper prefixes (DDP, torch.compile, Lightning, smp encoder/timm)."""
+    while key.startswith(_KEY_PREFIXES):
+        key = key[next(len(p) for p in _KEY_PREFIXES if key.startswith(p)) :]
+    return key
+
+
+def _load_encoder_weights(encoder: nn.Module, path: Path) -> None:
+    """Load the tensors of ``path`` that match ``encoder`` (after prefix stripping); raise when none
+    or a wrongly shaped one matches, warn about encoder tensors left random and unused file tensors."""
+    source = _read_state_dict(path)
+    target = encoder.state_dict()
+    by_name = {_strip_prefixes(key): key for key in target}
+    stem = next((key for key, value in target.items() if value.ndim == 4), None)
+    matched, unused, mismatched = {}, [], []
+    for key, value in source.items():
+        name = by_name.get(_strip_prefixes(key))
+        if name is None:
+            unused.append(key)
+            continue
+        fitted = _fit_tensor(value, target[name], adapt_channels=name == stem)
+        if fitted is None:
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(target[name].shape)}")
+        else:
+            matched[name] = fitted
+    if mismatched:
+        raise ValueError(
+            f"{path}: {len(mismatched)} tensors have the wrong shape for this encoder, e.g. {mismatched[:_SHOWN_KEYS]}"
+        )
+    if not matched:
+        raise ValueError(
+            f"{path}: no tensor matches the encoder (file keys e.g. {list(source)[:_SHOWN_KEYS]}; "
+            f"encoder keys e.g. {list(target)[:_SHOWN_KEYS]})"
+        )
+    encoder.load_state_dict(matched, strict=False)
+    missing = [key for key in target if key not in matched]
+    notes = [f"{len(missing)} left random (e.g. {missing[:_SHOWN_KEYS]})"] if missing else []
+    notes += [f"{len(unused)} file tensors unused (e.g. {unused[:_SHOWN_KEYS]})"] if unused else []
+    if notes:
+        message = f"{path}: loaded {len(matched)}/{len(target)} encoder tensors; " + "; ".join(notes)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _fit_tensor(value: torch.Tensor, target: torch.Tensor, *, adapt_channels: bool) -> torch.Tensor | None:
+    """``value`` shaped like ``target``: as is, or (for the stem conv) with its input channels
+    adapted as timm does (summed for 1 channel, repeated and rescaled otherwise); None if impossible."""
+    if value.shape == target.shape:
+        return value
+    same_but_inputs = value.ndim == 4 and value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]
+    if not (adapt_channels and same_but_inputs):
+        return None
+    try:
+        return adapt_input_conv(target.shape[1], value)
+    except NotImplementedError:
+        return None
+
+
+def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Load ``tensors`` into ``model``, raising ValueError unless every tensor fits exactly (a
+    tensor tied to a loaded one counts as loaded, since safetensors stores tied tensors once)."""
+    state = model.state_dict()
+    wrong = [
+        f"{key} {tuple(value.shape)} vs {tuple(state[key].shape)}"
+        for key, value in tensors.items()
+        if key in state and value.shape != state[key].shape
+    ]
+    if wrong:
+        raise ValueError(f"{path}: weights do not fit the config's model; wrong shapes e.g. {wrong[:_SHOWN_KEYS]}")
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    loaded = {state[key].data_ptr() for key in tensors if key in state}
+    missing = [key for key in missing if state[key].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not fit the config's model: {len(missing)} missing (e.g. {missing[:_SHOWN_KEYS]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:_SHOWN_KEYS]})"
+        )
+
+
+def _stateful(
+    model: nn.Module | None, optimizer: torch.optim.Optimizer | None, scheduler: Any | None, ema: ModelEMA | None
+) -> dict[str, Any]:
+    """The given training objects by name (models unwrapped), skipping None."""
+    model = None if model is None else _unwrap(model)
+    objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema}
+    return {name: obj for name, obj in objects.items() if obj is not None}
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise ValueError unless ``value`` is plain data that ``torch.load(weights_only=True)`` reads."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, where)
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+    elif type(value) not in _PLAIN_TYPES and not isinstance(value, torch.Tensor):
+        raise ValueError(f"{where} holds a {type(value).__name__}; only plain data and tensors can be saved")

@@ -1,0 +1,358 @@
+"""The training loop: ``train(TrainConfig)``.
+
+AdamW + OneCycle, AMP on CUDA, gradient accumulation, gradient clipping, EMA weights, validation
+by the real surface Dice on held-out volumes, best-checkpoint saving, a JSON-lines metrics log
+and a PNG of the curves. The state is saved after every epoch, so an interrupted run resumes
+where it stopped; crops depend only on (seed, epoch, index), so a resumed run is the run that
+was interrupted.
+
+Outputs in ``out_dir``: ``best.safetensors`` (EMA weights of the best validation epoch),
+``last.safetensors``, ``state.pt`` (for resuming), ``metrics.jsonl``, ``curves.png``,
+``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .atomic import atomic_output
+from .data import CropConfig, CropDataset, TrainVolume, cache_volume, vessel_mask
+from .infer import predict_slices
+from .layout import find_volumes
+from .losses import build_loss
+from .metric import dice, surface_dice
+from .models import (
+    ModelConfig,
+    ModelEMA,
+    build_model_from_config,
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+)
+from .normalize import Normalization
+
+__all__ = ["TrainConfig", "TrainResult", "load_train_volumes", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; loadable from YAML (``TrainConfig.from_yaml``).
+
+    Volumes are named as in the Kaggle layout under ``data_root``. ``soft_labels`` maps a volume
+    name (train or test split) to a ``.npy`` of uint8 soft labels (0..255, e.g. from
+    ``make_pseudo_labels``) used as its target instead of (or, for test volumes, in the absence
+    of) its labels. ``lr`` 6e-5 is the seed baseline's, for pretrained encoders; from-scratch
+    encoders want ~1e-3.
+    """
+
+    data_root: str
+    out_dir: str = "runs/unet"
+    train_volumes: list[str] = field(default_factory=lambda: ["kidney_1_dense", "kidney_2"])
+    val_volumes: list[str] = field(default_factory=lambda: ["kidney_3_dense"])
+    volume_weights: dict[str, float] = field(default_factory=dict)
+    soft_labels: dict[str, str] = field(default_factory=dict)
+    cache_dir: str | None = None
+    # model
+    arch: str = "unet"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None
+    in_chans: int = 1
+    normalization: dict = field(default_factory=lambda: {"mode": "percentile", "low": 10.0, "high": 99.8})
+    # crops
+    crop_size: int = 256
+    axes: dict[str, float] = field(default_factory=lambda: {"xy": 1.0, "xz": 1.0, "yz": 1.0})
+    foreground_fraction: float = 0.5
+    crops_per_epoch: int = 2000
+    augment: str = "hard"
+    # optimisation
+    loss: str | dict | list = "5th_place"  # see losses.build_loss
+    epochs: int = 20
+    batch_size: int = 16
+    accumulate_steps: int = 1
+    lr: float = 6e-5
+    weight_decay: float = 1e-2
+    max_grad_norm: float | None = 1.0
+    ema_decay: float | None = 0.999
+    amp: bool | None = None  # None: on for CUDA
+    # runtime
+    device: str | None = None  # None: cuda if available
+    num_workers: int = 2
+    seed: int = 0
+    val_threshold: float = 0.5
+    val_batch_size: int = 4
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.accumulate_steps < 1:
+            raise ValueError(
+                f"epochs, batch_size and accumulate_steps must be >= 1, got "
+                f"{self.epochs}, {self.batch_size}, {self.accumulate_steps}"
+            )
+        if not self.train_volumes:
+            raise ValueError("train_volumes is empty")
+        if self.crops_per_epoch < self.batch_size * self.accumulate_steps:
+            raise ValueError(
+                f"crops_per_epoch ({self.crops_per_epoch}) must hold at least one optimiser step "
+                f"(batch_size x accumulate_steps = {self.batch_size * self.accumulate_steps})"
+            )
+        if not 0.0 < self.val_threshold < 1.0:
+            raise ValueError(f"val_threshold is a probability in (0, 1), got {self.val_threshold}")
+        overlap = set(self.train_volumes) & set(self.val_volumes)
+        if overlap:
+            raise ValueError(f"volumes {sorted(overlap)} are in both train_volumes and val_volumes")
+        Normalization.from_dict(self.normalization)  # fail early on a bad normalisation
+        self.crop_config()
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; valid options: {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def crop_config(self) -> CropConfig:
+        return CropConfig(
+            crop_size=self.crop_size, in_chans=self.in_chans, axes=self.axes,
+            foreground_fraction=self.foreground_fraction, crops_per_epoch=self.crops_per_epoch,
+            augment=self.augment,
+        )
+
+
+@dataclass
+class TrainResult:
+    best_score: float
+    best_epoch: int
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history: list[dict]
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train a model as ``config`` says; return where the checkpoints are and the history."""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_yaml(out_dir / "config.yaml", config.to_dict())
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_amp = device.type == "cuda" if config.amp is None else config.amp and device.type == "cuda"
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+
+    normalization = Normalization.from_dict(config.normalization)
+    train_volumes = load_train_volumes(config, config.train_volumes)
+    val_volumes = load_train_volumes(config, config.val_volumes) if config.val_volumes else []
+    dataset = CropDataset(train_volumes, config.crop_config(), normalization, seed=config.seed)
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=False, drop_last=True,
+        num_workers=config.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=config.num_workers > 0,
+    )
+    voxel_sizes = {v.voxel_size_um for v in train_volumes} - {None}
+    model_config = ModelConfig(
+        arch=config.arch, encoder=config.encoder, in_chans=config.in_chans, normalization=normalization,
+        voxel_size_um=voxel_sizes.pop() if len(voxel_sizes) == 1 else None, tile_size=config.crop_size,
+    )
+    model = build_model_from_config(model_config, encoder_weights=config.encoder_weights).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = len(loader) // config.accumulate_steps
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.1
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    ema = ModelEMA(model, decay=config.ema_decay) if config.ema_decay else None
+    criterion = build_loss(config.loss)
+
+    state_path = out_dir / "state.pt"
+    start_epoch, best, history = 0, {"score": -math.inf, "epoch": -1}, []
+    if config.resume and state_path.is_file():
+        start_epoch, best, history = _resume(state_path, model, optimizer, scheduler, scaler, ema)
+
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        dataset.set_epoch(epoch)
+        model.train()
+        train_stats = _train_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, config, device, use_amp, epoch)
+        evaluated = ema.module if ema else model
+        record = {"epoch": epoch, **train_stats, "lr": scheduler.get_last_lr()[0]}
+        if val_volumes:
+            record.update(_validate(evaluated, val_volumes, normalization, config, device))
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        history.append(record)
+        score = record.get("val_surface_dice", -record["train_loss"])
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        save_checkpoint(out_dir / "last.safetensors", evaluated, model_config, metrics=metrics)
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch}
+            save_checkpoint(out_dir / "best.safetensors", evaluated, model_config, metrics=metrics)
+        save_training_state(
+            state_path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, epoch=epoch,
+            extra={"scaler": scaler.state_dict(), "best": best, "history": history},
+        )
+        _append_jsonl(out_dir / "metrics.jsonl", record)
+        _plot_curves(history, out_dir / "curves.png")
+        if config.progress:
+            tqdm.write(_format_record(record))
+    return TrainResult(
+        best_score=best["score"], best_epoch=best["epoch"], best_checkpoint=out_dir / "best.safetensors",
+        last_checkpoint=out_dir / "last.safetensors", history=history,
+    )
+
+
+def load_train_volumes(config: TrainConfig, names: list[str]) -> list[TrainVolume]:
+    """The named volumes of ``config.data_root`` with their targets (labels or soft labels).
+
+    Uses memmaps from ``config.cache_dir`` when set (written on first use), else reads into RAM.
+    """
+    available = {v.name: v for split in ("train", "test") for v in _find(config.data_root, split)}
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(f"volumes {missing} are not in {config.data_root}; available: {sorted(available)}")
+    volumes = []
+    for name in names:
+        info = available[name]
+        if config.cache_dir:
+            images, labels = cache_volume(info, config.cache_dir, progress=config.progress)
+        else:
+            images = info.read_images(progress=config.progress)
+            labels = info.read_labels(progress=config.progress) if info.label_paths else None
+        target = _soft_labels(config.soft_labels[name], images.shape) if name in config.soft_labels else labels
+        if target is None:
+            raise ValueError(f"volume {name!r} has no labels; give it soft labels in soft_labels")
+        weight = config.volume_weights.get(name, 1.0)
+        volumes.append(TrainVolume(name, images, target, weight=weight, voxel_size_um=info.voxel_size_um))
+    return volumes
+
+
+def _train_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, config, device, use_amp, epoch) -> dict:
+    """One pass over the loader; returns the mean loss and mean loss parts."""
+    totals: dict[str, float] = {}
+    batches = 0
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not config.progress)
+    for step, batch in enumerate(bar):
+        image, target, valid = (batch[k].to(device, non_blocking=True) for k in ("image", "target", "valid"))
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(image)
+        loss = criterion(logits.float(), target, valid)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch}, batch {step}: loss is {loss.item()}; lower lr or check the data")
+        scaler.scale(loss / config.accumulate_steps).backward()
+        if (step + 1) % config.accumulate_steps == 0:
+            if config.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema:
+                ema.update(model)
+        parts = {"train_loss": loss.item(), **{f"loss_{k}": v for k, v in getattr(criterion, "last_parts", {}).items()}}
+        for key, value in parts.items():
+            totals[key] = totals.get(key, 0.0) + value
+        batches += 1
+        bar.set_postfix(loss=f"{totals['train_loss'] / batches:.4f}")
+    return {key: value / batches for key, value in totals.items()}
+
+
+def _validate(model, volumes, normalization, config, device) -> dict:
+    """Surface Dice (tolerance 0) and Dice of thresholded whole-slice xy predictions."""
+    logit_threshold = math.log(config.val_threshold / (1 - config.val_threshold))
+    scores = {}
+    for volume in volumes:
+        logits = predict_slices(
+            model, volume.images, in_chans=config.in_chans, normalization=normalization,
+            batch_size=config.val_batch_size, device=device,
+        )
+        prediction = logits > logit_threshold
+        truth = vessel_mask(volume.target)
+        scores[f"val_surface_dice_{volume.name}"] = surface_dice(truth, prediction)
+        scores[f"val_dice_{volume.name}"] = dice(truth, prediction)
+    names = [v.name for v in volumes]
+    scores["val_surface_dice"] = float(np.mean([scores[f"val_surface_dice_{n}"] for n in names]))
+    scores["val_dice"] = float(np.mean([scores[f"val_dice_{n}"] for n in names]))
+    return scores
+
+
+def _resume(state_path, model, optimizer, scheduler, scaler, ema) -> tuple[int, dict, list]:
+    state = load_training_state(state_path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
+    extra = state["extra"]
+    scaler.load_state_dict(extra["scaler"])
+    tqdm.write(f"resuming from {state_path} after epoch {state['epoch']}")
+    return state["epoch"] + 1, extra["best"], list(extra["history"])
+
+
+def _find(root: str, split: str):
+    try:
+        return find_volumes(root, split)
+    except FileNotFoundError:
+        return []
+
+
+def _soft_labels(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    labels = np.load(path, mmap_mode="r")
+    if labels.shape != tuple(shape) or labels.dtype != np.uint8:
+        raise ValueError(f"soft labels {path} are {labels.shape} {labels.dtype}; expected {tuple(shape)} uint8")
+    return labels
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def _write_yaml(path: Path, values: dict) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def _format_record(record: dict) -> str:
+    shown = ["epoch", "train_loss", "val_surface_dice", "val_dice", "lr", "seconds"]
+    return "  ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in shown if k in record)
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    """Loss and validation scores per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_title("loss")
+    loss_axis.legend()
+    for key in ("val_surface_dice", "val_dice"):
+        if key in history[0]:
+            score_axis.plot(epochs, [r[key] for r in history], marker="o", label=key)
+    score_axis.set_xlabel("epoch")
+    score_axis.set_title("validation")
+    score_axis.set_ylim(0, 1)
+    score_axis.legend()
+    figure.tight_layout()
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=80)
+    plt.close(figure)
