@@ -24,3 +24,9 @@ def test_light_import_does_not_load_torch():
     code = "import sys, vessel_kit; print('torch' in sys.modules, 'albumentations' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_train_is_the_function_even_after_its_module_is_imported():
+    code = "import vessel_kit.training, vessel_kit; from vessel_kit import TrainConfig, train; print(callable(train), type(train).__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", "function"]

@@ -40,8 +40,8 @@ _LAZY = {
     "make_pseudo_labels": "pseudo",
     "make_synthetic_dataset": "synth",
     "make_synthetic_volume": "synth",
-    "TrainConfig": "train",
-    "train": "train",
+    "TrainConfig": "training",
+    "train": "training",
 }
 
 

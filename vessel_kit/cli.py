@@ -47,7 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_run_synth)
 
-    train = commands.add_parser("train", help="train a model from a YAML config (see vessel_kit.train.TrainConfig)")
+    train = commands.add_parser("train", help="train a model from a YAML config (see vessel_kit.training.TrainConfig)")
     train.add_argument("--config", type=Path, required=True, help="YAML file of TrainConfig options")
     train.set_defaults(run=_run_train)
 
@@ -79,7 +79,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     if not args.config.is_file():
         raise FileNotFoundError(f"config file {args.config} does not exist")

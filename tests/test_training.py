@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from vessel_kit import train as train_module
+from vessel_kit import training as train_module
 from vessel_kit.layout import find_volumes
 from vessel_kit.models import load_checkpoint
 from vessel_kit.pseudo import make_pseudo_labels
 from vessel_kit.synth import make_synthetic_dataset
-from vessel_kit.train import TrainConfig, train
+from vessel_kit.training import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +94,21 @@ def test_config_from_yaml_and_errors(tmp_path):
     path.write_text("data_root: /data\nepoch: 3\n")
     with pytest.raises(ValueError, match="unknown training options \\['epoch'\\]"):
         TrainConfig.from_yaml(path)
+    recipe = TrainConfig.from_dict({"recipe": "synthetic_cpu", "data_root": "/d", "epochs": 2})
+    assert (recipe.encoder, recipe.in_chans, recipe.epochs) == ("resnet18", 3, 2)
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; recipes: \['kaggle_2p5d', 'synthetic_cpu'\]"):
+        TrainConfig.from_dict({"recipe": "fast", "data_root": "/d"})
     with pytest.raises(ValueError, match="in both train_volumes and val_volumes"):
         TrainConfig(data_root="/d", train_volumes=["a"], val_volumes=["a"])
     with pytest.raises(ValueError, match="crop_size must be a positive multiple of 32"):
         TrainConfig(data_root="/d", crop_size=100)
     with pytest.raises(ValueError, match="normalization mode must be one of"):
         TrainConfig(data_root="/d", normalization={"mode": "minmax"})
+
+
+def test_validation_on_trained_images_is_refused(data_root, tmp_path):
+    with pytest.raises(ValueError, match="'kidney_3_dense' shares .* image files with the training volumes"):
+        train(tiny_config(data_root, tmp_path / "x", train_volumes=["kidney_3_sparse"]))
 
 
 def test_unknown_volume_names_the_available_ones(data_root, tmp_path):

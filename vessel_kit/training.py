@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_output
 from .data import CropConfig, CropDataset, TrainVolume, cache_volume, vessel_mask
 from .infer import predict_slices
-from .layout import find_volumes
+from .layout import VolumeInfo, find_volumes
 from .losses import build_loss
 from .metric import dice, surface_dice
 from .models import (
@@ -43,7 +43,26 @@ from .models import (
 )
 from .normalize import Normalization
 
-__all__ = ["TrainConfig", "TrainResult", "load_train_volumes", "train"]
+__all__ = ["RECIPES", "TrainConfig", "TrainResult", "load_train_volumes", "train"]
+
+# Named starting points; a config names one with ``recipe:`` and overrides what it needs.
+RECIPES: dict[str, dict] = {
+    # A 2.5D U-Net from scratch on the synthetic dataset, on 2 CPU cores in a few minutes.
+    "synthetic_cpu": {
+        "train_volumes": ["kidney_1_dense", "kidney_2"], "val_volumes": ["kidney_3_dense"],
+        "volume_weights": {"kidney_2": 0.5}, "encoder": "resnet18", "in_chans": 3, "crop_size": 128,
+        "foreground_fraction": 0.6, "crops_per_epoch": 384, "augment": "light", "epochs": 8,
+        "batch_size": 16, "lr": 2e-3, "ema_decay": 0.99,
+    },
+    # The competition data on a GPU: MaxViT-base U-Net on 512 crops along 3 axes, the 5th-place
+    # loss, EMA; pretrained encoder weights must be given as a local file (encoder_weights).
+    "kaggle_2p5d": {
+        "train_volumes": ["kidney_1_dense", "kidney_2"], "val_volumes": ["kidney_3_dense"],
+        "volume_weights": {"kidney_2": 0.65}, "encoder": "tu-maxvit_base_tf_512", "in_chans": 1,
+        "crop_size": 512, "augment": "hard", "loss": "5th_place", "epochs": 30, "batch_size": 8,
+        "accumulate_steps": 4, "lr": 6e-5, "ema_decay": 0.999, "num_workers": 4,
+    },
+}
 
 
 @dataclass
@@ -123,6 +142,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping) -> TrainConfig:
+        """A config from options; ``recipe: NAME`` starts from ``RECIPES[NAME]``."""
+        values = dict(values)
+        recipe = values.pop("recipe", None)
+        if recipe is not None:
+            if recipe not in RECIPES:
+                raise ValueError(f"unknown recipe {recipe!r}; recipes: {sorted(RECIPES)}")
+            values = {**RECIPES[recipe], **values}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -160,6 +186,7 @@ def train(config: TrainConfig) -> TrainResult:
     np.random.seed(config.seed)
 
     normalization = Normalization.from_dict(config.normalization)
+    _check_no_shared_images(config)
     train_volumes = load_train_volumes(config, config.train_volumes)
     val_volumes = load_train_volumes(config, config.val_volumes) if config.val_volumes else []
     dataset = CropDataset(train_volumes, config.crop_config(), normalization, seed=config.seed)
@@ -224,13 +251,9 @@ def load_train_volumes(config: TrainConfig, names: list[str]) -> list[TrainVolum
 
     Uses memmaps from ``config.cache_dir`` when set (written on first use), else reads into RAM.
     """
-    available = {v.name: v for split in ("train", "test") for v in _find(config.data_root, split)}
-    missing = [n for n in names if n not in available]
-    if missing:
-        raise ValueError(f"volumes {missing} are not in {config.data_root}; available: {sorted(available)}")
+    infos = _volume_infos(config.data_root, names)
     volumes = []
-    for name in names:
-        info = available[name]
+    for name, info in zip(names, infos, strict=True):
         if config.cache_dir:
             images, labels = cache_volume(info, config.cache_dir, progress=config.progress)
         else:
@@ -303,11 +326,31 @@ def _resume(state_path, model, optimizer, scheduler, scaler, ema) -> tuple[int, 
     return state["epoch"] + 1, extra["best"], list(extra["history"])
 
 
-def _find(root: str, split: str):
-    try:
-        return find_volumes(root, split)
-    except FileNotFoundError:
-        return []
+def _volume_infos(root: str, names: list[str]) -> list[VolumeInfo]:
+    """The named volumes of the train and test splits of ``root``."""
+    available = {}
+    for split in ("train", "test"):
+        if (Path(root) / split).is_dir():
+            available.update({v.name: v for v in find_volumes(root, split)})
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(f"volumes {missing} are not in {root}; available: {sorted(available)}")
+    return [available[n] for n in names]
+
+
+def _check_no_shared_images(config: TrainConfig) -> None:
+    """Refuse validation volumes whose image files are also trained on (kidney_3_dense's images
+    are kidney_3_sparse's): the validation score would be a training score."""
+    if not config.val_volumes:
+        return
+    trained = {p.resolve() for info in _volume_infos(config.data_root, config.train_volumes) for p in info.image_paths}
+    for info in _volume_infos(config.data_root, config.val_volumes):
+        shared = [p for p in info.image_paths if p.resolve() in trained]
+        if shared:
+            raise ValueError(
+                f"validation volume {info.name!r} shares {len(shared)} image files with the training "
+                f"volumes (e.g. {shared[0]}): validate on a volume that is not trained on"
+            )
 
 
 def _soft_labels(path: str, shape: tuple[int, ...]) -> np.ndarray:
