@@ -96,7 +96,7 @@ def test_config_from_yaml_and_errors(tmp_path):
         TrainConfig.from_yaml(path)
     recipe = TrainConfig.from_dict({"recipe": "synthetic_cpu", "data_root": "/d", "epochs": 2})
     assert (recipe.encoder, recipe.in_chans, recipe.epochs) == ("resnet18", 3, 2)
-    with pytest.raises(ValueError, match="unknown recipe 'fast'; recipes: \['kaggle_2p5d', 'synthetic_cpu'\]"):
+    with pytest.raises(ValueError, match=r"unknown recipe 'fast'; recipes: \['kaggle_2p5d', 'synthetic_cpu'\]"):
         TrainConfig.from_dict({"recipe": "fast", "data_root": "/d"})
     with pytest.raises(ValueError, match="in both train_volumes and val_volumes"):
         TrainConfig(data_root="/d", train_volumes=["a"], val_volumes=["a"])
