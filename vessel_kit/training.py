@@ -51,7 +51,7 @@ RECIPES: dict[str, dict] = {
     "synthetic_cpu": {
         "train_volumes": ["kidney_1_dense", "kidney_2"], "val_volumes": ["kidney_3_dense"],
         "volume_weights": {"kidney_2": 0.5}, "encoder": "resnet18", "in_chans": 3, "crop_size": 128,
-        "foreground_fraction": 0.6, "crops_per_epoch": 384, "augment": "light", "epochs": 8,
+        "foreground_fraction": 0.6, "crops_per_epoch": 512, "augment": "light", "epochs": 20,
         "batch_size": 16, "lr": 2e-3, "ema_decay": 0.99,
     },
     # The competition data on a GPU: MaxViT-base U-Net on 512 crops along 3 axes, the 5th-place
