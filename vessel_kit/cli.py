@@ -102,8 +102,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     """The built-in default job: synthesise a dataset, train the ``synthetic_cpu`` recipe, predict
     the test volumes, write and validate a submission, score it. Reruns reuse the dataset and
     resume the training."""
-    from .infer import predict_slices
-    from .models import load_checkpoint
+    from .infer import infer_volume
     from .synth import make_synthetic_dataset
     from .training import TrainConfig, train
 
@@ -117,15 +116,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.epochs:
         options["epochs"] = args.epochs
     result = train(TrainConfig.from_dict(options))
-    model, config = load_checkpoint(result.best_checkpoint)
     submission = args.out / "submission.csv"
     with SubmissionWriter(submission) as writer:
         for volume in find_volumes(data_root, "test"):
-            logits = predict_slices(
-                model, volume.read_images(progress=False), in_chans=config.in_chans,
-                normalization=config.normalization,
+            mask = infer_volume(
+                volume.read_images(progress=False), result.best_checkpoint, voxel_size_um=volume.voxel_size_um,
+                tta="none" if args.quick else "flips",
             )
-            writer.add_volume(volume.name, volume.stems, (slice_logits > 0 for slice_logits in logits))
+            writer.add_volume(volume.name, volume.stems, mask)
     validate_submission(submission, data_root / "sample_submission.csv")
     scores = score_submission(data_root / "solution.csv", submission, progress=False)
     print(f"\nsurface Dice of the test volumes (model: {result.best_checkpoint}):")

@@ -1,64 +1,478 @@
-"""Inference: model logits for whole volumes.
+"""Inference on whole volumes: ``infer_volume``.
 
-For now one path: whole xy slices (2.5D stacks of ``in_chans`` neighbours, edges replicated),
-padded to the model's stride, batched, logits averaged over models and stored as float16. It
-serves validation during training and pseudo-labelling. The tiled, multi-axis, TTA engine
-(``infer_volume``) builds on it.
+For each axis (xy, xz, yz) every 2D plane is cut into overlapping tiles — ``in_chans``
+neighbouring planes as channels for 2.5D models, edges replicated — tiles of consecutive planes
+are batched together so the model always sees full batches, each batch goes through every TTA
+view of every model, the view logits are inverted and averaged, the tiles are blended back with
+a gaussian importance map, and the plane, divided by the summed weights, is added (times the
+axis weight) into one float16 (Z, Y, X) accumulator. The threshold is applied once at the end.
+
+Memory: the input stays as it is (uint16), the accumulator is float16 (or a memmap), and the
+rest is a few planes and batches — peak memory does not grow with the number of axes, views or
+models. A background thread prepares the next batch while the model runs. When the volume's
+voxel size differs from the models' training voxel size, the volume is resampled to the models'
+resolution (``resample.py``) and the logits are resampled back slice by slice.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+import os
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .models import model_stride
+from .data import AXES, SLICE_AXIS
+from .models import load_checkpoint, model_stride
 from .normalize import Normalization, Window
+from .resample import resample_volume, resampled_slices, scaled_shape
+from .tiling import gaussian_importance, plane_normaliser, window_starts
+from .tta import TTA_MODES, tta_views
 
-__all__ = ["predict_slices"]
+ModelSource = torch.nn.Module | str | os.PathLike
+LOGIT_LIMIT = 1000.0  # plane logits are clipped to +-this before float16 accumulation (max 65504)
+
+__all__ = ["Ensemble", "infer_volume", "load_ensemble"]
 
 
-@torch.inference_mode()
-def predict_slices(
-    models: torch.nn.Module | Sequence[torch.nn.Module],
-    volume: np.ndarray,
+@dataclass
+class Ensemble:
+    """Models whose logits are averaged (with ``weights``), and how they must be fed."""
+
+    models: list[torch.nn.Module]
+    weights: list[float]
+    in_chans: int
+    normalization: Normalization
+    tile_size: int | None
+    voxel_size_um: float | None
+
+    @property
+    def stride(self) -> int:
+        """Input sides must be multiples of this for every member (``models.model_stride``)."""
+        return math.lcm(*(model_stride(model) for model in self.models))
+
+
+def load_ensemble(
+    models: ModelSource | Sequence[ModelSource],
     *,
-    in_chans: int,
-    normalization: Normalization,
-    window: Window | None = None,
-    batch_size: int = 4,
+    weights: Sequence[float] | None = None,
+    in_chans: int | None = None,
+    normalization: Normalization | None = None,
     device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> np.ndarray:
-    """Mean logits of ``models`` on every xy slice of ``volume``: a (Z, Y, X) float16 array.
+) -> Ensemble:
+    """Models from modules and/or checkpoint paths; checkpoints bring their in_chans,
+    normalisation, tile size and training voxel size. Members must agree on what they are fed."""
+    items = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not items:
+        raise ValueError("no models given")
+    weights = [1.0] * len(items) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(items) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"model weights must be {len(items)} non-negative numbers with a positive sum, got {weights}")
+    loaded, feeds = [], []
+    for item in items:
+        if isinstance(item, torch.nn.Module):
+            loaded.append(item.to(device).eval())
+            feeds.append((in_chans, normalization, None, None, type(item).__name__))
+        else:
+            model, config = load_checkpoint(item, device=device)
+            loaded.append(model)
+            feeds.append((config.in_chans, config.normalization, config.tile_size, config.voxel_size_um, str(item)))
+    chans = _agree("in_chans", [(f[0], f[4]) for f in feeds], in_chans)
+    norm = _agree("normalization", [(f[1], f[4]) for f in feeds], normalization)
+    tiles = {f[2] for f in feeds} - {None}
+    voxels = _agree("training voxel size", [(f[3], f[4]) for f in feeds], None, required=False)
+    if chans is None or norm is None:
+        raise ValueError("in_chans and normalization are needed for models given as modules (checkpoints carry them)")
+    total = sum(weights)
+    return Ensemble(loaded, [w / total for w in weights], chans, norm, min(tiles) if tiles else None, voxels)
 
-    ``window`` is the volume's normalisation window (computed from ``volume`` when None).
+
+def infer_volume(
+    volume: np.ndarray,
+    models: ModelSource | Sequence[ModelSource] | Ensemble,
+    *,
+    axes: Sequence[str] = AXES,
+    axis_weights: Mapping[str, float] | None = None,
+    tta: str = "flips",
+    reverse_slices: bool = False,
+    tile_size: int | None = None,
+    overlap: float = 0.5,
+    batch_size: int = 8,
+    in_chans: int | None = None,
+    normalization: Normalization | None = None,
+    model_weights: Sequence[float] | None = None,
+    voxel_size_um: float | None = None,
+    model_voxel_size_um: float | None = None,
+    device: str | torch.device | Sequence[str | torch.device] | None = None,
+    amp: bool | None = None,
+    threshold: float = 0.5,
+    top_fraction: float | None = None,
+    return_logits: bool = False,
+    accumulator_path: str | os.PathLike | None = None,
+    out: np.ndarray | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Predict a (Z, Y, X) volume with one model, a checkpoint, or an ensemble of them.
+
+    Args:
+        volume: (Z, Y, X) intensities (uint16 as read, or any real dtype); arrays or memmaps.
+        models: a module, a checkpoint path, a list of them, or an ``Ensemble``. Checkpoints
+            carry in_chans, normalisation, tile size and training voxel size; modules need
+            ``in_chans`` and ``normalization``.
+        axes, axis_weights: the views to predict along ("xy" = planes along Z, "xz" along Y,
+            "yz" along X) and their weights (default equal).
+        tta: "none", "flips" (4 views) or "d4" (8); ``reverse_slices`` doubles the views with
+            the 2.5D slice order reversed.
+        tile_size: square tile side, a multiple of the models' stride; default the checkpoint's
+            training tile, or whole planes (padded to the stride) for modules.
+        overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        voxel_size_um, model_voxel_size_um: when both are known and differ, the volume is
+            resampled to the model's resolution and the logits back (model_voxel_size_um
+            defaults to the checkpoints' training voxel size).
+        device: "cpu", "cuda", "cuda:1", or a list of devices that split the planes between
+            them (e.g. Kaggle's two T4s); default CUDA when available.
+        amp: float16 autocast (default: on for CUDA).
+        threshold / top_fraction: the mask is probability > threshold, or (when given) the
+            ``top_fraction`` of voxels with the highest logits (exactly, ties included).
+        return_logits: return the float16 averaged logits instead of a mask.
+        accumulator_path: keep the float16 accumulator in a ``.npy`` memmap at this path
+            instead of RAM.
+        out: optional (Z, Y, X) bool array (e.g. a memmap) to write the mask into.
+
+    Returns:
+        a (Z, Y, X) bool mask, or float16 logits with ``return_logits``.
     """
-    models = [models] if isinstance(models, torch.nn.Module) else list(models)
-    if not models:
-        raise ValueError("predict_slices needs at least one model")
-    if volume.ndim != 3 or volume.size == 0:
-        raise ValueError(f"volume must be a non-empty (Z, Y, X) array, got shape {volume.shape}")
-    if in_chans < 1 or in_chans % 2 == 0:
-        raise ValueError(f"in_chans must be odd, got {in_chans}")
-    if window is None:
-        window = normalization.window(volume)
-    for model in models:
-        model.eval()
-    depth, height, width = volume.shape
-    stride = math.lcm(*(model_stride(model) for model in models))
-    pad = (0, -width % stride, 0, -height % stride)
-    logits = np.empty(volume.shape, dtype=np.float16)
-    half = in_chans // 2
-    for start in tqdm(range(0, depth, batch_size), desc="predict", unit="batch", disable=not progress):
-        z_batch = range(start, min(start + batch_size, depth))
-        stacks = [volume[np.clip(np.arange(z - half, z + half + 1), 0, depth - 1)] for z in z_batch]
-        batch = torch.from_numpy(normalization.apply(np.stack(stacks), window)).to(device)
-        batch = F.pad(batch, pad, mode="reflect" if min(height, width) > max(pad) else "replicate")
-        summed = sum(model(batch).float() for model in models)
-        logits[start : start + len(z_batch)] = (summed / len(models))[:, 0, :height, :width].cpu().numpy()
-    return logits
+    _check_volume(volume)
+    devices = _devices(device)
+    ensemble = models if isinstance(models, Ensemble) else load_ensemble(
+        models, weights=model_weights, in_chans=in_chans, normalization=normalization, device=devices[0]
+    )
+    axes, axis_weights = _check_axes(axes, axis_weights)
+    tile = tile_size if tile_size is not None else ensemble.tile_size
+    _check_options(tile, ensemble.stride, overlap, batch_size, threshold, top_fraction, tta)
+    use_amp = all(d.type == "cuda" for d in devices) if amp is None else amp
+    views = tta_views(tta, reverse_slices=reverse_slices and ensemble.in_chans > 1)
+
+    window = ensemble.normalization.window(volume)
+    model_voxel = model_voxel_size_um or ensemble.voxel_size_um
+    factor = voxel_size_um / model_voxel if voxel_size_um and model_voxel else 1.0
+    source = volume if abs(factor - 1.0) < 1e-3 else resample_volume(volume, scaled_shape(volume.shape, factor))
+    accumulator = _zeros(source.shape, accumulator_path)
+    plans = [_AxisPlan.make(source.shape, axis, tile, overlap, ensemble.stride, square=tta == "d4") for axis in axes]
+    bar = tqdm(total=sum(p.tile_count for p in plans), desc="infer", unit="tile", disable=not progress, smoothing=0.05)
+    replicas = _replicas(ensemble, devices)
+    for plan in plans:
+        weight = axis_weights[plan.axis]
+        _run_axis(source, plan, weight, replicas, window, views, batch_size, use_amp, accumulator, bar)
+    bar.close()
+    del source
+
+    def logit_slices() -> Iterator[np.ndarray]:
+        if accumulator.shape == volume.shape:
+            return iter(accumulator)
+        return resampled_slices(accumulator, volume.shape, dtype=np.float16)
+
+    if return_logits:
+        if accumulator.shape == volume.shape:
+            return accumulator
+        return resample_volume(accumulator, volume.shape, dtype=np.float16)
+    return _threshold(logit_slices, volume.shape, threshold, top_fraction, out)
+
+
+# --- one axis -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _AxisPlan:
+    """Where the tiles of every plane of one axis go, and the plane's blending weights."""
+
+    axis: str
+    planes: int
+    plane_shape: tuple[int, int]
+    tile_shape: tuple[int, int]
+    starts: tuple[list[int], list[int]]
+    importance: np.ndarray
+    normaliser: np.ndarray
+
+    @classmethod
+    def make(cls, shape, axis: str, tile: int | None, overlap: float, stride: int, square: bool) -> _AxisPlan:
+        slice_axis = SLICE_AXIS[axis]
+        height, width = (side for a, side in enumerate(shape) if a != slice_axis)
+        if tile is None:  # whole planes, padded up to the stride
+            tile_shape = (_round_up(height, stride), _round_up(width, stride))
+            if square:
+                tile_shape = (max(tile_shape),) * 2
+            importance = np.ones(tile_shape, dtype=np.float32)
+        else:
+            tile_shape = (tile, tile)
+            importance = gaussian_importance(tile_shape)
+        steps = [max(1, int(side * (1 - overlap))) for side in tile_shape]
+        starts = (window_starts(height, tile_shape[0], steps[0]), window_starts(width, tile_shape[1], steps[1]))
+        normaliser = plane_normaliser((height, width), tile_shape, starts, importance)
+        return cls(axis, shape[slice_axis], (height, width), tile_shape, starts, importance, normaliser)
+
+    @property
+    def windows(self) -> list[tuple[int, int]]:
+        return [(y, x) for y in self.starts[0] for x in self.starts[1]]
+
+    @property
+    def tile_count(self) -> int:
+        return self.planes * len(self.windows)
+
+
+def _run_axis(source, plan, weight, replicas, window, views, batch_size, use_amp, accumulator, bar) -> None:
+    """Predict every plane of one axis and add weight x its logits into the accumulator.
+
+    With several devices, each takes a contiguous share of the planes; planes are disjoint
+    slices of the accumulator, so the threads never write the same voxels.
+    """
+    bounds = np.linspace(0, plan.planes, len(replicas) + 1).round().astype(int)
+    shares = [(replica, int(a), int(b)) for replica, a, b in zip(replicas, bounds[:-1], bounds[1:], strict=True) if b > a]
+
+    def run(share) -> None:
+        replica, start, stop = share
+        _run_planes(source, plan, start, stop, weight, replica, window, views, batch_size, use_amp, accumulator, bar)
+
+    if len(shares) == 1:
+        run(shares[0])  # in this thread: errors and Ctrl-C surface directly
+        return
+    with ThreadPoolExecutor(max_workers=len(shares)) as pool:
+        for future in [pool.submit(run, share) for share in shares]:
+            future.result()
+
+
+def _run_planes(source, plan, start, stop, weight, replica, window, views, batch_size, use_amp, accumulator, bar) -> None:
+    models, weights, device, ensemble = replica
+    planes = np.moveaxis(source, SLICE_AXIS[plan.axis], 0)
+    targets = np.moveaxis(accumulator, SLICE_AXIS[plan.axis], 0)
+    height, width = plan.plane_shape
+    tile_h, tile_w = plan.tile_shape
+    windows = plan.windows
+    pending: dict[int, list] = {}  # plane index -> [padded logit sum, windows done]
+    for batch_index, batch in _prefetch(_batches(planes, plan, start, stop, ensemble, window, batch_size), device):
+        logits = _forward(models, weights, views, batch, use_amp)
+        for (plane, y, x), tile_logits in zip(batch_index, logits, strict=True):
+            entry = pending.setdefault(plane, [np.zeros((max(height, tile_h), max(width, tile_w)), np.float32), 0])
+            entry[0][y : y + tile_h, x : x + tile_w] += tile_logits * plan.importance
+            entry[1] += 1
+            if entry[1] == len(windows):
+                blended = entry[0][:height, :width] / plan.normaliser
+                _check_finite(blended, plan.axis, plane)
+                np.clip(blended, -LOGIT_LIMIT, LOGIT_LIMIT, out=blended)
+                blended *= weight
+                targets[plane] += blended
+                del pending[plane]
+        bar.update(len(batch_index))
+
+
+def _batches(planes, plan, start, stop, ensemble, window, batch_size) -> Iterator[tuple[list, np.ndarray]]:
+    """(index, tiles) batches of (B, C, T, T) float32 tiles running across consecutive planes."""
+    half = ensemble.in_chans // 2
+    count = planes.shape[0]
+    tile_h, tile_w = plan.tile_shape
+    index, tiles = [], []
+    for plane in range(start, stop):
+        neighbours = np.clip(np.arange(plane - half, plane + half + 1), 0, count - 1)
+        stack = ensemble.normalization.apply(planes[neighbours], window)
+        stack = _pad_to(stack, tile_h, tile_w)
+        for y, x in plan.windows:
+            index.append((plane, y, x))
+            tiles.append(stack[:, y : y + tile_h, x : x + tile_w])
+            if len(tiles) == batch_size:
+                yield index, np.stack(tiles)
+                index, tiles = [], []
+    if tiles:
+        yield index, np.stack(tiles)
+
+
+def _prefetch(batches: Iterator, device: torch.device) -> Iterator[tuple[list, torch.Tensor]]:
+    """Prepare the next batches in a background thread (numpy work releases the GIL) and move
+    them to the device (pinned, non-blocking on CUDA) while the model runs."""
+    ready: queue.Queue = queue.Queue(maxsize=2)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for index, tiles in batches:
+                tensor = torch.from_numpy(tiles)
+                if device.type == "cuda":
+                    tensor = tensor.pin_memory()
+                while not stop.is_set():
+                    try:
+                        ready.put((index, tensor), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(done)
+        except BaseException as error:  # surfaced in the consumer
+            ready.put(error)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            index, tensor = item
+            yield index, tensor.to(device, non_blocking=True)
+    finally:
+        stop.set()
+        producer.join()
+
+
+def _forward(models, weights, views, batch: torch.Tensor, use_amp: bool) -> np.ndarray:
+    """Mean over views of the weighted model logits, each view inverted: (B, T, T) float32."""
+    if batch.device.type == "cuda":
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    total = None
+    with torch.inference_mode(), torch.autocast(batch.device.type, dtype=torch.float16, enabled=use_amp):
+        for transform, inverse in views:
+            viewed = transform(batch)
+            logits = sum(w * model(viewed).float() for model, w in zip(models, weights, strict=True))
+            restored = inverse(logits)
+            total = restored if total is None else total + restored
+    return (total / len(views))[:, 0].float().cpu().numpy()
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _threshold(logit_slices, shape, threshold: float, top_fraction: float | None, out: np.ndarray | None) -> np.ndarray:
+    """The final mask, slice by slice: logits above the threshold's logit, or the exact top
+    fraction of voxels (from a histogram of the float16 bit patterns)."""
+    if out is None:
+        out = np.empty(shape, dtype=np.bool_)
+    elif out.shape != tuple(shape) or out.dtype != np.bool_:
+        raise ValueError(f"out must be a {tuple(shape)} bool array, got {out.shape} {out.dtype}")
+    if top_fraction is None:
+        cut = np.float16(math.log(threshold / (1 - threshold)))
+        for z, logits in enumerate(logit_slices()):
+            np.greater(logits, cut, out=out[z])
+        return out
+    counts = np.zeros(65536, dtype=np.int64)
+    for logits in logit_slices():
+        counts += np.bincount(_order_keys(logits).ravel(), minlength=65536)
+    wanted = math.ceil(top_fraction * int(np.prod(shape)))
+    above = np.cumsum(counts[::-1])[::-1]  # above[k] = voxels with key >= k
+    key = int(np.flatnonzero(above >= wanted).max()) if wanted > 0 else 65536
+    for z, logits in enumerate(logit_slices()):
+        np.greater_equal(_order_keys(logits), key, out=out[z])
+    return out
+
+
+def _order_keys(values: np.ndarray) -> np.ndarray:
+    """uint16 keys ordered like the float16 values (negative ones reversed), for exact histograms."""
+    bits = np.asarray(values, dtype=np.float16).view(np.uint16)
+    negative = bits >= 0x8000
+    return np.where(negative, ~bits, bits | 0x8000).astype(np.uint16)
+
+
+# --- checks and small helpers -------------------------------------------------------------------
+
+
+def _check_volume(volume: np.ndarray) -> None:
+    if not hasattr(volume, "ndim") or volume.ndim != 3:
+        raise ValueError(f"volume must be a (Z, Y, X) array, got shape {getattr(volume, 'shape', type(volume).__name__)}")
+    if volume.size == 0:
+        raise ValueError(f"volume is empty (shape {volume.shape})")
+    if volume.dtype.kind not in "uif":
+        raise ValueError(f"volume must hold intensities (integer or float), got dtype {volume.dtype}")
+
+
+def _check_axes(axes: Sequence[str], weights: Mapping[str, float] | None) -> tuple[list[str], dict[str, float]]:
+    axes = [axes] if isinstance(axes, str) else list(axes)
+    if not axes or len(set(axes)) != len(axes) or not set(axes) <= set(AXES):
+        raise ValueError(f"axes must be distinct names from {AXES}, got {axes}")
+    weights = dict(weights or {axis: 1.0 for axis in axes})
+    if set(weights) != set(axes) or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+        raise ValueError(f"axis_weights must give each of {axes} a non-negative weight, got {weights}")
+    total = sum(weights.values())
+    return axes, {axis: w / total for axis, w in weights.items()}
+
+
+def _check_options(tile, stride, overlap, batch_size, threshold, top_fraction, tta) -> None:
+    if tile is not None and (tile < stride or tile % stride):
+        raise ValueError(f"tile_size must be a positive multiple of the models' stride {stride}, got {tile}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold is a probability in (0, 1), got {threshold}")
+    if top_fraction is not None and not 0.0 <= top_fraction <= 1.0:
+        raise ValueError(f"top_fraction must be in [0, 1], got {top_fraction}")
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+
+
+def _agree(what: str, values: list[tuple[object, str]], given: object, required: bool = True):
+    """The one value all members share (or ``given`` when no member says); else ValueError."""
+    known = [(value, source) for value, source in values if value is not None]
+    distinct = {repr(value) for value, _ in known}
+    if given is not None:
+        conflicting = [(v, s) for v, s in known if v != given]
+        if conflicting:
+            raise ValueError(f"{what}={given!r} was given, but {conflicting[0][1]} needs {conflicting[0][0]!r}")
+        return given
+    if len(distinct) > 1:
+        listing = "; ".join(f"{source}: {value!r}" for value, source in known)
+        raise ValueError(f"ensemble members disagree on {what} ({listing}); they need one input")
+    return known[0][0] if known else None
+
+
+def _devices(device) -> list[torch.device]:
+    if device is None:
+        return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+    items = device if isinstance(device, (list, tuple)) else [device]
+    if not items:
+        raise ValueError("device list is empty")
+    return [torch.device(d) for d in items]
+
+
+def _replicas(ensemble: Ensemble, devices: list[torch.device]) -> list[tuple]:
+    """(models, weights, device, ensemble) per device; models are copied to devices after the first."""
+    replicas = []
+    for index, device in enumerate(devices):
+        if index == 0:
+            models = [m.to(device).eval() for m in ensemble.models]  # moves in place
+        else:
+            models = [copy.deepcopy(m).to(device).eval() for m in ensemble.models]
+        replicas.append((models, ensemble.weights, device, ensemble))
+    return replicas
+
+
+def _zeros(shape, path) -> np.ndarray:
+    if path is None:
+        return np.zeros(shape, dtype=np.float16)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+
+
+def _pad_to(stack: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad a (C, H, W) stack at the bottom/right up to (height, width), mirroring the border."""
+    pad_h, pad_w = max(0, height - stack.shape[1]), max(0, width - stack.shape[2])
+    if not pad_h and not pad_w:
+        return stack
+    mode = "reflect" if pad_h < stack.shape[1] and pad_w < stack.shape[2] else "edge"
+    return np.pad(stack, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
+
+
+def _check_finite(plane: np.ndarray, axis: str, index: int) -> None:
+    if not np.isfinite(plane).all():
+        raise FloatingPointError(f"non-finite logits on {axis} plane {index}: the model produced NaN or inf")
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

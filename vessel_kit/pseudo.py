@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_output
-from .infer import predict_slices
-from .models import load_checkpoint
+from .infer import infer_volume, load_ensemble
 
 __all__ = ["make_pseudo_labels"]
 
@@ -27,29 +26,25 @@ def make_pseudo_labels(
     images: np.ndarray,
     out_path: str | os.PathLike,
     *,
-    batch_size: int = 4,
-    device: str | torch.device = "cpu",
+    axes: tuple[str, ...] = ("xy", "xz", "yz"),
+    tta: str = "flips",
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Path:
     """Write uint8 soft labels (255 x sigmoid of the ensemble's mean logits) for ``images``.
 
-    All checkpoints must take the same input (in_chans and normalisation), since their logits are
-    averaged on one input. The file is written atomically.
+    The logits come from ``infer_volume`` over ``axes`` with ``tta`` views. All checkpoints must
+    take the same input (in_chans and normalisation): their logits are averaged on one input.
+    The file is written atomically.
     """
     if not checkpoints:
         raise ValueError("make_pseudo_labels needs at least one checkpoint")
-    loaded = [load_checkpoint(path, device=device) for path in checkpoints]
-    models = [model for model, _ in loaded]
-    first = loaded[0][1]
-    for path, (_, config) in zip(checkpoints, loaded, strict=True):
-        if (config.in_chans, config.normalization) != (first.in_chans, first.normalization):
-            raise ValueError(
-                f"{path} takes in_chans={config.in_chans}, {config.normalization}; {checkpoints[0]} takes "
-                f"in_chans={first.in_chans}, {first.normalization}: an ensemble needs one input"
-            )
-    logits = predict_slices(
-        models, images, in_chans=first.in_chans, normalization=first.normalization,
-        batch_size=batch_size, device=device, progress=progress,
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ensemble = load_ensemble(list(checkpoints), device=device)
+    logits = infer_volume(
+        images, ensemble, axes=axes, tta=tta, batch_size=batch_size, device=device,
+        return_logits=True, progress=progress,
     )
     out_path = Path(out_path)
     with atomic_output(out_path) as tmp:

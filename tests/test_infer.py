@@ -1,0 +1,221 @@
+"""infer_volume: coverage and normalisation at every voxel, axes, 2.5D depth, TTA inversion,
+ensembling, rescaling, float16 accumulation, thresholds, devices, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vessel_kit.data import SLICE_AXIS
+from vessel_kit.infer import infer_volume, load_ensemble
+from vessel_kit.models import ModelConfig, build_model, save_checkpoint
+from vessel_kit.normalize import Normalization
+from vessel_kit.resample import resample_volume
+from vessel_kit.tiling import gaussian_importance, plane_normaliser, window_starts
+from vessel_kit.tta import tta_views
+
+UNIT = Normalization("unit")
+
+
+class ChannelMean(torch.nn.Module):
+    """Logits = scale x mean of the input channels + offset: a known function of the input."""
+
+    def __init__(self, scale: float = 10.0, offset: float = -5.0) -> None:
+        super().__init__()
+        self.scale, self.offset = scale, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1, keepdim=True) * self.scale + self.offset
+
+
+def expected_channel_mean(volume, axis, in_chans, scale=10.0, offset=-5.0):
+    """What ChannelMean must give along ``axis``: the mean of each voxel's clamped neighbours."""
+    unit = volume.astype(np.float64) / 65535
+    slice_axis = SLICE_AXIS[axis]
+    count = volume.shape[slice_axis]
+    half = in_chans // 2
+    total = np.zeros_like(unit)
+    for offset_index in range(-half, half + 1):
+        index = np.clip(np.arange(count) + offset_index, 0, count - 1)
+        total += np.take(unit, index, axis=slice_axis)
+    return total / in_chans * scale + offset
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return np.random.default_rng(0).integers(0, 65535, (9, 45, 70), dtype=np.uint16)
+
+
+def run(volume, model, **options):
+    options = {"in_chans": 1, "normalization": UNIT, "progress": False, "return_logits": True, **options}
+    return infer_volume(volume, model, **options).astype(np.float64)
+
+
+FP16_TOLERANCE = 5 / 1024  # one float16 ulp at |logits| ~ 5
+
+
+@pytest.mark.parametrize("axis", ["xy", "xz", "yz"])
+@pytest.mark.parametrize("in_chans", [1, 3, 5])
+@pytest.mark.parametrize("tile", [None, 32, 64, 128])
+def test_every_voxel_is_covered_and_normalised(volume, axis, in_chans, tile):
+    logits = run(volume, ChannelMean(), axes=(axis,), in_chans=in_chans, tile_size=tile, tta="none")
+    np.testing.assert_allclose(logits, expected_channel_mean(volume, axis, in_chans), atol=FP16_TOLERANCE)
+
+
+def test_axes_are_averaged_with_their_weights(volume):
+    logits = run(volume, ChannelMean(), in_chans=3, tile_size=32, axis_weights={"xy": 2, "xz": 1, "yz": 1})
+    expected = sum(w * expected_channel_mean(volume, a, 3) for a, w in (("xy", 0.5), ("xz", 0.25), ("yz", 0.25)))
+    np.testing.assert_allclose(logits, expected, atol=FP16_TOLERANCE)
+
+
+@pytest.mark.parametrize("tta", ["none", "flips", "d4"])
+def test_tta_views_are_inverted(volume, tta):
+    # The input is random, so any view not exactly undone would move logits off their voxels.
+    logits = run(volume, ChannelMean(), axes=("xy", "yz"), in_chans=3, tile_size=32, tta=tta, reverse_slices=True)
+    expected = (expected_channel_mean(volume, "xy", 3) + expected_channel_mean(volume, "yz", 3)) / 2
+    np.testing.assert_allclose(logits, expected, atol=FP16_TOLERANCE)
+
+
+def test_each_view_is_undone_and_all_d4_views_differ():
+    x = torch.rand(2, 3, 8, 8)
+    views = tta_views("d4", reverse_slices=True)
+    assert len(views) == 16 and len(tta_views("flips")) == 4 and len(tta_views("none")) == 1
+    for transform, inverse in views:
+        assert torch.equal(inverse(transform(x)[:, 1:2]), x[:, 1:2])  # centre channel survives reversal
+    transformed = {tuple(transform(x[:, :1]).flatten().tolist()) for transform, _ in views[:8]}
+    assert len(transformed) == 8
+
+
+class Shifted(torch.nn.Module):
+    """Not flip-equivariant: shows that TTA really runs the model on transformed input."""
+
+    def forward(self, x):
+        return torch.roll(x[:, :1], shifts=1, dims=-1) * 10
+
+
+def test_tta_changes_a_non_equivariant_model(volume):
+    plain = run(volume, Shifted(), axes=("xy",), tile_size=32, tta="none")
+    flipped = run(volume, Shifted(), axes=("xy",), tile_size=32, tta="flips")
+    assert np.abs(plain - flipped).max() > 1.0
+
+
+def test_ensemble_is_the_weighted_mean_of_logits(volume):
+    a, b = ChannelMean(10.0, -5.0), ChannelMean(-4.0, 3.0)
+    logits = run(volume, [a, b], model_weights=[3, 1], axes=("xz",), tile_size=32)
+    expected = 0.75 * expected_channel_mean(volume, "xz", 1, 10.0, -5.0) + 0.25 * expected_channel_mean(volume, "xz", 1, -4.0, 3.0)
+    np.testing.assert_allclose(logits, expected, atol=FP16_TOLERANCE)
+
+
+def test_float16_accumulation_matches_float64(volume):
+    logits = run(volume, ChannelMean(20.0, -10.0), in_chans=3, tile_size=32, tta="flips")
+    expected = np.mean([expected_channel_mean(volume, a, 3, 20.0, -10.0) for a in ("xy", "xz", "yz")], axis=0)
+    assert np.abs(logits - expected).max() <= 10 / 1024 + 1e-6  # half an ulp at |10| plus float32 blending
+
+
+def test_memmap_accumulator(volume, tmp_path):
+    logits = infer_volume(volume, ChannelMean(), in_chans=1, normalization=UNIT, tile_size=32, return_logits=True,
+                          accumulator_path=tmp_path / "acc.npy", progress=False)
+    assert isinstance(logits, np.memmap)
+    np.testing.assert_allclose(logits.astype(np.float64), np.mean([expected_channel_mean(volume, a, 1) for a in ("xy", "xz", "yz")], axis=0), atol=FP16_TOLERANCE)
+
+
+def test_rescaled_inference_returns_the_original_shape():
+    z, y, x = np.meshgrid(np.linspace(0, 1, 20), np.linspace(0, 1, 36), np.linspace(0, 1, 40), indexing="ij")
+    smooth = ((np.sin(3 * z) + np.cos(2 * y) * x + 2) / 4 * 65535).astype(np.uint16)
+    logits = run(smooth, ChannelMean(), axes=("xy",), tile_size=32, voxel_size_um=63.08, model_voxel_size_um=50.0)
+    assert logits.shape == smooth.shape
+    # Up- then down-sampling a smooth field changes it little: the identity-like logits survive.
+    np.testing.assert_allclose(logits, expected_channel_mean(smooth, "xy", 1), atol=0.05)
+
+
+def test_resample_volume_round_trip():
+    volume = np.random.default_rng(1).random((6, 10, 12)).astype(np.float32)
+    up = resample_volume(volume, (12, 20, 24))
+    assert up.shape == (12, 20, 24) and up.dtype == np.float32
+    np.testing.assert_allclose(up[:, ::2, ::2].mean(), volume.mean(), atol=0.02)
+    constant = np.full((5, 7, 9), 1234, np.uint16)
+    np.testing.assert_array_equal(resample_volume(constant, (8, 3, 20)), np.full((8, 3, 20), 1234, np.uint16))
+    same = resample_volume(volume, volume.shape)
+    np.testing.assert_allclose(same, volume, atol=1e-6)
+
+
+def test_threshold_and_exact_top_fraction(volume):
+    mask = infer_volume(volume, ChannelMean(), in_chans=1, normalization=UNIT, axes=("xy",), tile_size=32, tta="none",
+                        threshold=0.5, progress=False)
+    logits = expected_channel_mean(volume, "xy", 1)
+    assert mask.dtype == np.bool_
+    assert np.mean(mask == (logits > 0)) > 0.999  # float16 rounding may flip values at 0
+    top = infer_volume(volume, ChannelMean(), in_chans=1, normalization=UNIT, axes=("xy",), tile_size=32, tta="none",
+                       top_fraction=0.1, progress=False)
+    assert top.sum() == math.ceil(0.1 * volume.size) or abs(top.sum() / volume.size - 0.1) < 0.001
+    assert logits[top].min() >= logits[~top].max() - FP16_TOLERANCE
+    out = np.zeros(volume.shape, bool)
+    assert infer_volume(volume, ChannelMean(), in_chans=1, normalization=UNIT, axes=("xy",), out=out, progress=False) is out
+
+
+def test_two_devices_split_the_planes(volume):
+    single = run(volume, ChannelMean(), in_chans=3, tile_size=32, tta="flips")
+    split = run(volume, ChannelMean(), in_chans=3, tile_size=32, tta="flips", device=["cpu", "cpu"])
+    np.testing.assert_array_equal(single, split)
+
+
+def test_checkpoint_needs_nothing_else(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("unet", "resnet18", in_chans=3)
+    config = ModelConfig(arch="unet", encoder="resnet18", in_chans=3, normalization=Normalization("percentile"),
+                         voxel_size_um=50.0, tile_size=64)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, config)
+    volume = np.random.default_rng(2).integers(20000, 30000, (6, 70, 50), dtype=np.uint16)
+    mask = infer_volume(volume, path, axes=("xy",), tta="none", progress=False)
+    assert mask.shape == volume.shape and mask.dtype == np.bool_
+    ensemble = load_ensemble([path, path])
+    assert (ensemble.in_chans, ensemble.tile_size, ensemble.voxel_size_um, ensemble.weights) == (3, 64, 50.0, [0.5, 0.5])
+    with pytest.raises(ValueError, match="in_chans=1 was given, but .*m.safetensors needs 3"):
+        infer_volume(volume, path, in_chans=1, progress=False)
+
+
+class NaNModel(torch.nn.Module):
+    def forward(self, x):
+        return x[:, :1] * float("nan")
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda v: infer_volume(v[0], ChannelMean(), in_chans=1, normalization=UNIT), ValueError, "must be a \\(Z, Y, X\\) array"),
+        (lambda v: infer_volume(v[:0], ChannelMean(), in_chans=1, normalization=UNIT), ValueError, "volume is empty"),
+        (lambda v: infer_volume(v > 0, ChannelMean(), in_chans=1, normalization=UNIT), ValueError, "intensities .* got dtype bool"),
+        (lambda v: infer_volume(v, ChannelMean(), in_chans=1, normalization=UNIT, tile_size=48), ValueError, "multiple of the models' stride 32, got 48"),
+        (lambda v: infer_volume(v, ChannelMean()), ValueError, "in_chans and normalization are needed"),
+        (lambda v: infer_volume(v, ChannelMean(), in_chans=1, normalization=UNIT, axes=("xy", "zz")), ValueError, "axes must be distinct names"),
+        (lambda v: infer_volume(v, ChannelMean(), in_chans=1, normalization=UNIT, tta="many"), ValueError, "tta must be one of"),
+        (lambda v: infer_volume(v, ChannelMean(), in_chans=1, normalization=UNIT, threshold=1.5), ValueError, "threshold is a probability"),
+        (lambda v: infer_volume(v, ChannelMean(), in_chans=1, normalization=UNIT, overlap=1.0), ValueError, "overlap must be in"),
+        (lambda v: infer_volume(v, [], in_chans=1, normalization=UNIT), ValueError, "no models given"),
+        (lambda v: infer_volume(v, NaNModel(), in_chans=1, normalization=UNIT, progress=False), FloatingPointError, "non-finite logits on xy plane 0"),
+    ],
+)
+def test_bad_input(volume, call, error, message):
+    with pytest.raises(error, match=message):
+        call(volume)
+
+
+def test_mismatched_ensemble_members(tmp_path):
+    paths = []
+    for chans in (1, 3):
+        config = ModelConfig(arch="unet", encoder="resnet18", in_chans=chans, normalization=UNIT, tile_size=64)
+        paths.append(save_checkpoint(tmp_path / f"m{chans}.safetensors", build_model("unet", "resnet18", in_chans=chans), config))
+    with pytest.raises(ValueError, match="disagree on in_chans"):
+        load_ensemble(paths)
+
+
+def test_tiling_helpers():
+    assert window_starts(100, 32, 16) == [0, 14, 27, 41, 54, 68]  # steps <= 16, last ends at 100
+    assert window_starts(20, 32, 16) == [0]
+    importance = gaussian_importance((32, 32))
+    assert importance.max() == 1.0 and importance.min() > 0
+    normaliser = plane_normaliser((100, 40), (32, 32), (window_starts(100, 32, 16), window_starts(40, 32, 16)), importance)
+    assert normaliser.shape == (100, 40) and normaliser.min() > 0
