@@ -59,3 +59,21 @@ def test_console_script_is_installed():
     assert executable, "the vessel-kit console script is not installed next to this Python"
     result = subprocess.run([executable, "--help"], capture_output=True, text=True, check=True)
     assert "synth" in result.stdout and "score" in result.stdout
+
+
+def test_infer_writes_a_valid_submission(dataset, tmp_path, capsys):
+    import torch
+
+    from vessel_kit.models import ModelConfig, build_model, save_checkpoint
+    from vessel_kit.normalize import Normalization
+
+    torch.manual_seed(0)
+    config = ModelConfig(arch="unet", encoder="resnet18", in_chans=3, normalization=Normalization("percentile"),
+                         voxel_size_um=50.0, tile_size=64)
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", build_model("unet", "resnet18", in_chans=3), config)
+    submission = tmp_path / "submission.csv"
+    assert main(["infer", str(dataset), str(checkpoint), "--out", str(submission), "--axes", "xy,yz", "--tta", "none"]) == 0
+    assert main(["validate", str(submission), str(dataset / "sample_submission.csv")]) == 0
+    assert "kidney_6 done" in capsys.readouterr().err
+    assert main(["infer", str(dataset), str(tmp_path / "nope.safetensors")]) == 2
+    assert "checkpoints not found" in capsys.readouterr().err

@@ -156,6 +156,16 @@ def test_threshold_and_exact_top_fraction(volume):
     assert infer_volume(volume, ChannelMean(), in_chans=1, normalization=UNIT, axes=("xy",), out=out, progress=False) is out
 
 
+def test_small_components_are_removed(volume):
+    from vessel_kit.postprocess import remove_small_components
+
+    options = dict(in_chans=1, normalization=UNIT, axes=("xy",), tile_size=32, tta="none", threshold=0.8, progress=False)
+    plain = infer_volume(volume, ChannelMean(), **options)
+    cleaned = infer_volume(volume, ChannelMean(), min_component_size=4, **options)
+    np.testing.assert_array_equal(cleaned, remove_small_components(plain, 4))
+    assert 0 < cleaned.sum() < plain.sum()
+
+
 def test_two_devices_split_the_planes(volume):
     single = run(volume, ChannelMean(), in_chans=3, tile_size=32, tta="flips")
     split = run(volume, ChannelMean(), in_chans=3, tile_size=32, tta="flips", device=["cpu", "cpu"])

@@ -39,6 +39,7 @@ _LAZY = {
     "build_model": "models",
     "load_checkpoint": "models",
     "save_checkpoint": "models",
+    "remove_small_components": "postprocess",
     "make_pseudo_labels": "pseudo",
     "make_synthetic_dataset": "synth",
     "make_synthetic_volume": "synth",

@@ -1,4 +1,4 @@
-"""The ``vessel-kit`` command line: ``synth``, ``train``, ``score``, ``validate`` and ``demo``.
+"""The ``vessel-kit`` command line: ``synth``, ``train``, ``infer``, ``score``, ``validate``, ``demo``.
 
 A thin layer: parse arguments, call the library, print results. Bad input surfaces as a one-line
 ``error: ...`` message and exit status 2, not a traceback.
@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .layout import find_volumes
 from .metric import score_submission
 from .rle import SubmissionWriter, slice_id, validate_submission
@@ -25,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -46,6 +48,22 @@ def _build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model from a YAML config (see vessel_kit.training.TrainConfig)")
     train.add_argument("--config", type=Path, required=True, help="YAML file of TrainConfig options")
     train.set_defaults(run=_run_train)
+
+    infer = commands.add_parser("infer", help="predict every test volume of a Kaggle layout into a submission")
+    infer.add_argument("data_root", type=Path, help="dataset root holding test/<volume>/images")
+    infer.add_argument("checkpoints", type=Path, nargs="+", help="one or more .safetensors checkpoints (an ensemble)")
+    infer.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV (default submission.csv)")
+    infer.add_argument("--split", default="test", choices=("train", "test"), help="which split to predict (default test)")
+    infer.add_argument("--axes", default="xy,xz,yz", help="comma-separated axes (default xy,xz,yz)")
+    infer.add_argument("--tta", default="flips", help="none, flips or d4 (default flips)")
+    infer.add_argument("--tile-size", type=int, default=None, help="tile side (default: the checkpoint's)")
+    infer.add_argument("--overlap", type=float, default=0.5)
+    infer.add_argument("--batch-size", type=int, default=8)
+    infer.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    infer.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of voxels instead")
+    infer.add_argument("--min-component-size", type=int, default=0, help="drop 3D components smaller than this")
+    infer.add_argument("--device", default=None, help="cpu, cuda, or comma-separated devices (default: cuda if any)")
+    infer.set_defaults(run=_run_infer)
 
     score = commands.add_parser("score", help="score a submission against a solution CSV")
     score.add_argument("solution", type=Path, help="CSV with id,rle,width,height,image,slice")
@@ -84,6 +102,40 @@ def _run_train(args: argparse.Namespace) -> int:
     result = train(TrainConfig.from_yaml(args.config))
     print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch}: {result.best_checkpoint}")
     return 0
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    from .infer import infer_volume, load_ensemble
+
+    missing = [str(p) for p in args.checkpoints if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoints not found: {', '.join(missing)}")
+    devices = args.device.split(",") if args.device else None
+    ensemble = load_ensemble([str(p) for p in args.checkpoints], device=(devices or [_default_device()])[0])
+    volumes = find_volumes(args.data_root, args.split)
+    total = sum(int(np.prod(v.shape)) for v in volumes)
+    done, started = 0, time.perf_counter()
+    with SubmissionWriter(args.out) as writer:
+        for volume in volumes:
+            print(f"{volume.name}: {volume.shape}, {volume.voxel_size_um} µm", file=sys.stderr)
+            mask = infer_volume(
+                volume.read_images(), ensemble, axes=args.axes.split(","), tta=args.tta,
+                tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+                voxel_size_um=volume.voxel_size_um, device=devices, threshold=args.threshold,
+                top_fraction=args.top_fraction, min_component_size=args.min_component_size,
+            )
+            writer.add_volume(volume.name, volume.stems, mask)
+            done += int(np.prod(volume.shape))
+            elapsed = time.perf_counter() - started
+            print(f"{volume.name} done; {elapsed:.0f} s so far, about {elapsed * (total - done) / done:.0f} s to go", file=sys.stderr)
+    print(f"submission written to {args.out}")
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _run_score(args: argparse.Namespace) -> int:

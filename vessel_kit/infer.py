@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .data import AXES, SLICE_AXIS
 from .models import load_checkpoint, model_stride
 from .normalize import Normalization, Window
+from .postprocess import remove_small_components
 from .resample import resample_volume, resampled_slices, scaled_shape
 from .tiling import gaussian_importance, plane_normaliser, window_starts
 from .tta import TTA_MODES, tta_views
@@ -114,6 +115,7 @@ def infer_volume(
     amp: bool | None = None,
     threshold: float = 0.5,
     top_fraction: float | None = None,
+    min_component_size: int = 0,
     return_logits: bool = False,
     accumulator_path: str | os.PathLike | None = None,
     out: np.ndarray | None = None,
@@ -141,6 +143,8 @@ def infer_volume(
         amp: float16 autocast (default: on for CUDA).
         threshold / top_fraction: the mask is probability > threshold, or (when given) the
             ``top_fraction`` of voxels with the highest logits (exactly, ties included).
+        min_component_size: then drop 3D connected components smaller than this many voxels
+            (``postprocess.remove_small_components``).
         return_logits: return the float16 averaged logits instead of a mask.
         accumulator_path: keep the float16 accumulator in a ``.npy`` memmap at this path
             instead of RAM.
@@ -183,7 +187,8 @@ def infer_volume(
         if accumulator.shape == volume.shape:
             return accumulator
         return resample_volume(accumulator, volume.shape, dtype=np.float16)
-    return _threshold(logit_slices, volume.shape, threshold, top_fraction, out)
+    mask = _threshold(logit_slices, volume.shape, threshold, top_fraction, out)
+    return remove_small_components(mask, min_component_size, out=mask) if min_component_size > 1 else mask
 
 
 # --- one axis -----------------------------------------------------------------------------------
