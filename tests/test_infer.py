@@ -213,6 +213,12 @@ def test_bad_input(volume, call, error, message):
         call(volume)
 
 
+def test_a_failing_model_does_not_hang_the_prefetch_thread(volume):
+    # Many batches queue up behind the first, failing one: the producer must still stop.
+    with pytest.raises(FloatingPointError):
+        infer_volume(volume, NaNModel(), in_chans=1, normalization=UNIT, tile_size=32, batch_size=1, progress=False)
+
+
 def test_mismatched_ensemble_members(tmp_path):
     paths = []
     for chans in (1, 3):

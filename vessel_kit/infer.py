@@ -155,6 +155,8 @@ def infer_volume(
     """
     _check_volume(volume)
     devices = _devices(device)
+    if isinstance(models, Ensemble) and (in_chans, normalization, model_weights) != (None, None, None):
+        raise ValueError("in_chans, normalization and model_weights belong to the Ensemble; don't pass them with one")
     ensemble = models if isinstance(models, Ensemble) else load_ensemble(
         models, weights=model_weights, in_chans=in_chans, normalization=normalization, device=devices[0]
     )
@@ -299,10 +301,20 @@ def _batches(planes, plan, start, stop, ensemble, window, batch_size) -> Iterato
 
 def _prefetch(batches: Iterator, device: torch.device) -> Iterator[tuple[list, torch.Tensor]]:
     """Prepare the next batches in a background thread (numpy work releases the GIL) and move
-    them to the device (pinned, non-blocking on CUDA) while the model runs."""
+    them to the device (pinned, non-blocking on CUDA) while the model runs. Every hand-over
+    watches a stop flag, so a failing consumer never leaves the producer blocked."""
     ready: queue.Queue = queue.Queue(maxsize=2)
     done = object()
     stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
@@ -310,17 +322,11 @@ def _prefetch(batches: Iterator, device: torch.device) -> Iterator[tuple[list, t
                 tensor = torch.from_numpy(tiles)
                 if device.type == "cuda":
                     tensor = tensor.pin_memory()
-                while not stop.is_set():
-                    try:
-                        ready.put((index, tensor), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((index, tensor)):
                     return
-            ready.put(done)
+            offer(done)
         except BaseException as error:  # surfaced in the consumer
-            ready.put(error)
+            offer(error)
 
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
