@@ -41,6 +41,7 @@ _LAZY = {
     "save_checkpoint": "models",
     "remove_small_components": "postprocess",
     "make_pseudo_labels": "pseudo",
+    "predict_submission": "submit",
     "make_synthetic_dataset": "synth",
     "make_synthetic_volume": "synth",
     "TrainConfig": "training",

@@ -13,8 +13,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from .layout import find_volumes
 from .metric import score_submission
 from .rle import SubmissionWriter, slice_id, validate_submission
@@ -62,6 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     infer.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of voxels instead")
     infer.add_argument("--min-component-size", type=int, default=0, help="drop 3D components smaller than this")
+    infer.add_argument("--time-budget", type=float, default=None, help="seconds; later volumes get empty masks past it")
     infer.add_argument("--device", default=None, help="cpu, cuda, or comma-separated devices (default: cuda if any)")
     infer.set_defaults(run=_run_infer)
 
@@ -105,37 +104,16 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_infer(args: argparse.Namespace) -> int:
-    from .infer import infer_volume, load_ensemble
+    from .submit import predict_submission
 
-    missing = [str(p) for p in args.checkpoints if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoints not found: {', '.join(missing)}")
-    devices = args.device.split(",") if args.device else None
-    ensemble = load_ensemble([str(p) for p in args.checkpoints], device=(devices or [_default_device()])[0])
-    volumes = find_volumes(args.data_root, args.split)
-    total = sum(int(np.prod(v.shape)) for v in volumes)
-    done, started = 0, time.perf_counter()
-    with SubmissionWriter(args.out) as writer:
-        for volume in volumes:
-            print(f"{volume.name}: {volume.shape}, {volume.voxel_size_um} µm", file=sys.stderr)
-            mask = infer_volume(
-                volume.read_images(), ensemble, axes=args.axes.split(","), tta=args.tta,
-                tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-                voxel_size_um=volume.voxel_size_um, device=devices, threshold=args.threshold,
-                top_fraction=args.top_fraction, min_component_size=args.min_component_size,
-            )
-            writer.add_volume(volume.name, volume.stems, mask)
-            done += int(np.prod(volume.shape))
-            elapsed = time.perf_counter() - started
-            print(f"{volume.name} done; {elapsed:.0f} s so far, about {elapsed * (total - done) / done:.0f} s to go", file=sys.stderr)
-    print(f"submission written to {args.out}")
+    status = predict_submission(
+        args.data_root, args.checkpoints, args.out, split=args.split, time_budget_s=args.time_budget,
+        device=args.device.split(",") if args.device else None, axes=args.axes.split(","), tta=args.tta,
+        tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, threshold=args.threshold,
+        top_fraction=args.top_fraction, min_component_size=args.min_component_size,
+    )
+    print(f"submission written to {args.out}: " + ", ".join(f"{name} {state}" for name, state in status.items()))
     return 0
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _run_score(args: argparse.Namespace) -> int:
