@@ -131,6 +131,18 @@ def test_rescaled_inference_returns_the_original_shape():
     np.testing.assert_allclose(logits, expected_channel_mean(smooth, "xy", 1), atol=0.05)
 
 
+def test_nearly_equal_voxel_sizes_are_not_resampled(volume, monkeypatch):
+    import vessel_kit.infer as infer_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("resampled")
+
+    monkeypatch.setattr(infer_module, "resample_volume", fail)
+    run(volume, ChannelMean(), axes=("xy",), tile_size=32, voxel_size_um=50.28, model_voxel_size_um=50.0)
+    with pytest.raises(AssertionError, match="resampled"):
+        run(volume, ChannelMean(), axes=("xy",), tile_size=32, voxel_size_um=63.08, model_voxel_size_um=50.0)
+
+
 def test_resample_volume_round_trip():
     volume = np.random.default_rng(1).random((6, 10, 12)).astype(np.float32)
     up = resample_volume(volume, (12, 20, 24))

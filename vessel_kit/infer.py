@@ -39,6 +39,7 @@ from .tta import TTA_MODES, tta_views
 
 ModelSource = torch.nn.Module | str | os.PathLike
 LOGIT_LIMIT = 1000.0  # plane logits are clipped to +-this before float16 accumulation (max 65504)
+RESCALE_TOLERANCE = 0.02  # voxel sizes within 2 % count as equal (kidney_5: 50.28 vs 50 µm)
 
 __all__ = ["Ensemble", "infer_volume", "load_ensemble"]
 
@@ -135,12 +136,12 @@ def infer_volume(
         tile_size: square tile side, a multiple of the models' stride; default the checkpoint's
             training tile, or whole planes (padded to the stride) for modules.
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
-        voxel_size_um, model_voxel_size_um: when both are known and differ, the volume is
-            resampled to the model's resolution and the logits back (model_voxel_size_um
-            defaults to the checkpoints' training voxel size).
+        voxel_size_um, model_voxel_size_um: when both are known and differ by more than
+            ``RESCALE_TOLERANCE``, the volume is resampled to the model's resolution and the
+            logits back (model_voxel_size_um defaults to the checkpoints' training voxel size).
         device: "cpu", "cuda", "cuda:1", or a list of devices that split the planes between
             them (e.g. Kaggle's two T4s); default CUDA when available.
-        amp: float16 autocast (default: on for CUDA).
+        amp: float16 autocast on CUDA devices (default on; never on the CPU).
         threshold / top_fraction: the mask is probability > threshold, or (when given) the
             ``top_fraction`` of voxels with the highest logits (exactly, ties included).
         min_component_size: then drop 3D connected components smaller than this many voxels
@@ -163,13 +164,14 @@ def infer_volume(
     axes, axis_weights = _check_axes(axes, axis_weights)
     tile = tile_size if tile_size is not None else ensemble.tile_size
     _check_options(tile, ensemble.stride, overlap, batch_size, threshold, top_fraction, tta)
-    use_amp = all(d.type == "cuda" for d in devices) if amp is None else amp
+    use_amp = amp is not False and all(d.type == "cuda" for d in devices)
     views = tta_views(tta, reverse_slices=reverse_slices and ensemble.in_chans > 1)
 
     window = ensemble.normalization.window(volume)
     model_voxel = model_voxel_size_um or ensemble.voxel_size_um
     factor = voxel_size_um / model_voxel if voxel_size_um and model_voxel else 1.0
-    source = volume if abs(factor - 1.0) < 1e-3 else resample_volume(volume, scaled_shape(volume.shape, factor))
+    rescale = abs(factor - 1.0) > RESCALE_TOLERANCE
+    source = resample_volume(volume, scaled_shape(volume.shape, factor)) if rescale else volume
     accumulator = _zeros(source.shape, accumulator_path)
     plans = [_AxisPlan.make(source.shape, axis, tile, overlap, ensemble.stride, square=tta == "d4") for axis in axes]
     bar = tqdm(total=sum(p.tile_count for p in plans), desc="infer", unit="tile", disable=not progress, smoothing=0.05)
