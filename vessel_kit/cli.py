@@ -13,9 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .layout import find_volumes
 from .metric import score_submission
-from .rle import SubmissionWriter, slice_id, validate_submission
+from .rle import validate_submission
 
 __all__ = ["main"]
 
@@ -132,7 +131,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     """The built-in default job: synthesise a dataset, train the ``synthetic_cpu`` recipe, predict
     the test volumes, write and validate a submission, score it. Reruns reuse the dataset and
     resume the training."""
-    from .infer import infer_volume
+    from .submit import predict_submission
     from .synth import make_synthetic_dataset
     from .training import TrainConfig, train
 
@@ -147,14 +146,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         options["epochs"] = args.epochs
     result = train(TrainConfig.from_dict(options))
     submission = args.out / "submission.csv"
-    with SubmissionWriter(submission) as writer:
-        for volume in find_volumes(data_root, "test"):
-            mask = infer_volume(
-                volume.read_images(progress=False), result.best_checkpoint, voxel_size_um=volume.voxel_size_um,
-                tta="none" if args.quick else "flips",
-            )
-            writer.add_volume(volume.name, volume.stems, mask)
-    validate_submission(submission, data_root / "sample_submission.csv")
+    predict_submission(data_root, [result.best_checkpoint], submission, tta="none" if args.quick else "flips")
     scores = score_submission(data_root / "solution.csv", submission, progress=False)
     print(f"\nsurface Dice of the test volumes (model: {result.best_checkpoint}):")
     print(_format_scores(scores))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .data import AXES, SLICE_AXIS
 from .models import load_checkpoint, model_stride
-from .normalize import Normalization, Window
+from .normalize import Normalization
 from .postprocess import remove_small_components
 from .resample import resample_volume, resampled_slices, scaled_shape
 from .tiling import gaussian_importance, plane_normaliser, window_starts
