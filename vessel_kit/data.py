@@ -18,8 +18,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -28,6 +28,9 @@ from .atomic import atomic_output
 from .layout import VolumeInfo
 from .normalize import Normalization
 from .volume import read_labels
+
+if TYPE_CHECKING:  # albumentations is imported only to train: inference must not need it
+    import albumentations as A
 
 AXES = ("xy", "xz", "yz")
 AUGMENTATIONS = ("hard", "light", "none")
@@ -242,6 +245,8 @@ def build_augmentation(kind: str) -> A.Compose | None:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {kind!r}")
     if kind == "none":
         return None
+    import albumentations as A
+
     geometric = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
     if kind == "light":
         photometric = [A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5)]

@@ -21,6 +21,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ def infer_volume(
     accumulator_path: str | os.PathLike | None = None,
     out: np.ndarray | None = None,
     progress: bool = True,
+    deadline: float | None = None,
 ) -> np.ndarray:
     """Predict a (Z, Y, X) volume with one model, a checkpoint, or an ensemble of them.
 
@@ -150,6 +152,8 @@ def infer_volume(
         accumulator_path: keep the float16 accumulator in a ``.npy`` memmap at this path
             instead of RAM.
         out: optional (Z, Y, X) bool array (e.g. a memmap) to write the mask into.
+        deadline: a ``time.monotonic()`` time; checked after every batch, and past it the
+            prediction stops with ``TimeoutError`` (``predict_submission``'s time budget).
 
     Returns:
         a (Z, Y, X) bool mask, or float16 logits with ``return_logits``.
@@ -174,12 +178,14 @@ def infer_volume(
     source = resample_volume(volume, scaled_shape(volume.shape, factor)) if rescale else volume
     accumulator = _zeros(source.shape, accumulator_path)
     plans = [_AxisPlan.make(source.shape, axis, tile, overlap, ensemble.stride, square=tta == "d4") for axis in axes]
-    bar = tqdm(total=sum(p.tile_count for p in plans), desc="infer", unit="tile", disable=not progress, smoothing=0.05)
+    bar = _TileProgress(sum(p.tile_count for p in plans), deadline, progress)
     replicas = _replicas(ensemble, devices)
-    for plan in plans:
-        weight = axis_weights[plan.axis]
-        _run_axis(source, plan, weight, replicas, window, views, batch_size, use_amp, accumulator, bar)
-    bar.close()
+    try:
+        for plan in plans:
+            weight = axis_weights[plan.axis]
+            _run_axis(source, plan, weight, replicas, window, views, batch_size, use_amp, accumulator, bar)
+    finally:
+        bar.close()
     del source
 
     def logit_slices() -> Iterator[np.ndarray]:
@@ -193,6 +199,22 @@ def infer_volume(
         return resample_volume(accumulator, volume.shape, dtype=np.float16)
     mask = _threshold(logit_slices, volume.shape, threshold, top_fraction, out)
     return remove_small_components(mask, min_component_size, out=mask) if min_component_size > 1 else mask
+
+
+class _TileProgress:
+    """A tqdm bar over tiles that also enforces the deadline (safe to update from threads)."""
+
+    def __init__(self, total: int, deadline: float | None, show: bool) -> None:
+        self.deadline = deadline
+        self.bar = tqdm(total=total, desc="infer", unit="tile", disable=not show, smoothing=0.05)
+
+    def update(self, tiles: int) -> None:
+        self.bar.update(tiles)
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutError(f"inference passed its deadline after {self.bar.n} of {self.bar.total} tiles")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # --- one axis -----------------------------------------------------------------------------------

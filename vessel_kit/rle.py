@@ -132,12 +132,16 @@ class SubmissionWriter:
 
     def add_slice(self, row_id: str, mask: np.ndarray) -> None:
         """Append one slice's row; ids must be unique."""
+        self.add_row(row_id, rle_encode(mask))
+
+    def add_row(self, row_id: str, rle: str) -> None:
+        """Append a row with an already encoded RLE; ids must be unique."""
         if self._writer is None:
             raise RuntimeError("SubmissionWriter must be used as a context manager")
         if row_id in self._ids:
             raise ValueError(f"duplicate submission id {row_id!r}")
         self._ids.add(row_id)
-        self._writer.writerow((row_id, rle_encode(mask)))
+        self._writer.writerow((row_id, rle))
 
     def add_volume(self, volume: str, stems: Sequence[str], masks: Iterable[np.ndarray]) -> None:
         """Append every slice of a volume; ``masks`` may be a (Z, Y, X) array or a generator."""

@@ -2,27 +2,32 @@
 
 ``predict_submission`` is what the inference notebook and ``vessel-kit infer`` run. It predicts
 the volumes one by one with ``infer_volume``, writes each slice's RLE as soon as its volume is
-done, reports the time spent and an estimate of the time left, and keeps to a time budget:
-a volume that would not finish in time (estimated from the voxels-per-second rate so far) gets
-empty masks instead, so the notebook always ends with a complete, valid submission.
+done, reports the time spent and an estimate of the time left, and keeps to a time budget: a
+volume that would not finish in time (estimated from the voxels-per-second rate so far) is not
+started, and one that passes the deadline while running is stopped; both get empty masks. With
+``on_error="empty"`` a failing volume (or ensemble, or layout) gets empty masks too, so a Kaggle
+run always ends with a complete, valid submission.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .devices import usable_devices
 from .infer import infer_volume, load_ensemble
-from .layout import find_volumes
-from .rle import SubmissionWriter, validate_submission
+from .layout import VolumeInfo, find_volumes
+from .rle import EMPTY_RLE, SubmissionWriter, read_submission, slice_id, validate_submission
 
-__all__ = ["predict_submission"]
+__all__ = ["ON_ERROR", "predict_submission", "write_empty_submission"]
+
+ON_ERROR = ("raise", "empty")
 
 
 def predict_submission(
@@ -32,51 +37,115 @@ def predict_submission(
     *,
     split: str = "test",
     time_budget_s: float | None = None,
-    device=None,
-    log=None,
+    device: str | Sequence[str] | None = None,
+    on_error: str = "raise",
+    log: Callable[[str], None] | None = None,
     **infer_options,
 ) -> dict[str, str]:
     """Predict every volume of ``<data_root>/<split>`` into the submission ``out``.
 
-    ``infer_options`` go to ``infer_volume`` (axes, tta, tile_size, threshold, ...); each volume's
-    voxel size comes from the layout. Returns each volume's status: "predicted" or "empty (time
-    budget)". The file is validated against ``sample_submission.csv`` when the root has one.
+    Args:
+        checkpoints: the ensemble (``.safetensors`` files).
+        time_budget_s: seconds from the call; volumes that would not finish in it get empty masks.
+        device: as ``usable_devices`` takes it (default: every working GPU, else the CPU).
+        on_error: "raise", or "empty" to give a volume that fails empty masks and go on (the
+            traceback is logged); when the layout itself cannot be read, every id of
+            ``sample_submission.csv`` gets an empty mask.
+        infer_options: go to ``infer_volume`` (axes, tta, tile_size, threshold, ...); each
+            volume's voxel size comes from the layout.
+
+    Returns:
+        each volume's status: "predicted", "empty (time budget)" or "empty (error: ...)".
+        The file is validated against ``sample_submission.csv`` when the root has one.
     """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    missing = [str(p) for p in checkpoints if not Path(p).is_file()]
-    if not checkpoints or missing:
-        raise FileNotFoundError(f"checkpoints not found: {', '.join(missing) or 'none given'}")
-    devices = device if isinstance(device, (list, tuple)) else [device] if device else None
-    ensemble = load_ensemble([str(p) for p in checkpoints], device=(devices or [_default_device()])[0])
-    volumes = find_volumes(data_root, split)
+    started = time.monotonic()
+    deadline = None if time_budget_s is None else started + time_budget_s
+    sample = Path(data_root) / "sample_submission.csv"
+    try:
+        volumes = find_volumes(data_root, split)
+    except (FileNotFoundError, ValueError) as error:
+        if on_error == "raise" or split != "test" or not sample.is_file():
+            raise
+        log(f"cannot read the {split} volumes ({error}); writing empty masks for the sample submission's ids")
+        return write_empty_submission(sample, out, reason=f"empty (error: {error})")
+    loaded, failure = _load(checkpoints, device, on_error, log)
     total = sum(int(np.prod(v.shape)) for v in volumes)
-    started, done, status = time.perf_counter(), 0, {}
+    done, status = 0, {}
     with SubmissionWriter(out) as writer:
         for volume in volumes:
             voxels = int(np.prod(volume.shape))
-            elapsed = time.perf_counter() - started
-            if time_budget_s is not None and done and elapsed + voxels * elapsed / done > time_budget_s:
+            elapsed = time.monotonic() - started
+            if failure:
+                status[volume.name] = failure
+            elif deadline is not None and done and elapsed + voxels * elapsed / done > time_budget_s:
                 log(f"{volume.name}: would not finish within the {time_budget_s:.0f} s budget; writing empty masks")
-                empty = np.zeros(volume.shape[1:], dtype=bool)
-                writer.add_volume(volume.name, volume.stems, itertools.repeat(empty, len(volume.stems)))
                 status[volume.name] = "empty (time budget)"
+            else:
+                log(f"{volume.name}: {volume.shape}, {volume.voxel_size_um} µm")
+                status[volume.name] = _predict(volume, loaded, deadline, on_error, log, infer_options, writer)
+            if status[volume.name] != "predicted":
+                _add_empty(writer, volume)
                 continue
-            log(f"{volume.name}: {volume.shape}, {volume.voxel_size_um} µm")
-            mask = infer_volume(
-                volume.read_images(), ensemble, voxel_size_um=volume.voxel_size_um, device=devices, **infer_options
-            )
-            writer.add_volume(volume.name, volume.stems, mask)
-            status[volume.name] = "predicted"
             done += voxels
-            elapsed = time.perf_counter() - started
+            elapsed = time.monotonic() - started
             log(f"{volume.name} done; {elapsed:.0f} s so far, about {elapsed * (total - done) / done:.0f} s to go")
-    sample = Path(data_root) / "sample_submission.csv"
     if split == "test" and sample.is_file():
         validate_submission(out, sample)
     return status
 
 
-def _default_device() -> str:
-    import torch
+def write_empty_submission(
+    sample_submission: str | os.PathLike, out: str | os.PathLike, *, reason: str = "empty"
+) -> dict[str, str]:
+    """A valid submission with an empty mask for every id of the sample submission, written
+    atomically; returns ``reason`` for each volume named in the ids (``<volume>_<stem>``)."""
+    ids = read_submission(sample_submission)["id"]
+    with SubmissionWriter(out) as writer:
+        for row_id in ids:
+            writer.add_row(row_id, EMPTY_RLE)
+    return {row_id.rsplit("_", 1)[0]: reason for row_id in ids}
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def _load(checkpoints, device, on_error, log):
+    """((ensemble, devices), None), or (None, status) when loading failed and on_error is "empty"."""
+    try:
+        missing = [str(p) for p in checkpoints if not Path(p).is_file()]
+        if not checkpoints or missing:
+            raise FileNotFoundError(f"checkpoints not found: {', '.join(missing) or 'none given'}")
+        devices = usable_devices(device, log=log)
+        log(f"devices: {', '.join(devices)}")
+        ensemble = load_ensemble([str(p) for p in checkpoints], device=devices[0])
+        return (ensemble, devices), None
+    except Exception as error:
+        if on_error == "raise":
+            raise
+        log(f"cannot load the models, every volume gets empty masks:\n{traceback.format_exc()}")
+        return None, f"empty (error: {error})"
+
+
+def _predict(volume: VolumeInfo, loaded, deadline, on_error, log, infer_options, writer) -> str:
+    """Predict one volume into ``writer``; returns its status (nothing is written unless predicted)."""
+    ensemble, devices = loaded
+    try:
+        mask = infer_volume(
+            volume.read_images(), ensemble, voxel_size_um=volume.voxel_size_um, device=devices,
+            deadline=deadline, **infer_options,
+        )
+    except TimeoutError as error:
+        log(f"{volume.name}: {error}; writing empty masks")
+        return "empty (time budget)"
+    except Exception as error:
+        if on_error == "raise":
+            raise
+        log(f"{volume.name} failed, writing empty masks:\n{traceback.format_exc()}")
+        return f"empty (error: {error})"
+    writer.add_volume(volume.name, volume.stems, mask)
+    return "predicted"
+
+
+def _add_empty(writer: SubmissionWriter, volume: VolumeInfo) -> None:
+    for stem in volume.stems:
+        writer.add_row(slice_id(volume.name, stem), EMPTY_RLE)

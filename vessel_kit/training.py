@@ -210,6 +210,8 @@ def train(config: TrainConfig) -> TrainResult:
     ema = ModelEMA(model, decay=config.ema_decay) if config.ema_decay else None
     criterion = build_loss(config.loss)
 
+    trained_on = {"data_root": str(config.data_root), "train_volumes": list(config.train_volumes),
+                  "val_volumes": list(config.val_volumes), "ema": bool(ema)}
     state_path = out_dir / "state.pt"
     start_epoch, best, history = 0, {"score": -math.inf, "epoch": -1}, []
     if config.resume and state_path.is_file():
@@ -228,10 +230,10 @@ def train(config: TrainConfig) -> TrainResult:
         history.append(record)
         score = record.get("val_surface_dice", -record["train_loss"])
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        save_checkpoint(out_dir / "last.safetensors", evaluated, model_config, metrics=metrics)
+        save_checkpoint(out_dir / "last.safetensors", evaluated, model_config, metrics=metrics, extra=trained_on)
         if score > best["score"]:
             best = {"score": score, "epoch": epoch}
-            save_checkpoint(out_dir / "best.safetensors", evaluated, model_config, metrics=metrics)
+            save_checkpoint(out_dir / "best.safetensors", evaluated, model_config, metrics=metrics, extra=trained_on)
         save_training_state(
             state_path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, epoch=epoch,
             extra={"scaler": scaler.state_dict(), "best": best, "history": history},
