@@ -77,9 +77,12 @@ def test_infer_writes_a_valid_submission(dataset, tmp_path, capsys):
     assert "kidney_6 done" in capsys.readouterr().err
     assert main(["infer", str(dataset), str(tmp_path / "nope.safetensors")]) == 2
     assert "checkpoints not found" in capsys.readouterr().err
-    # A budget already spent after the first volume: the rest gets empty masks, still valid.
+    # A spent budget: no volume is started, every mask is empty, the file is still valid.
     budget = tmp_path / "budget.csv"
     assert main(["infer", str(dataset), str(checkpoint), "--out", str(budget), "--axes", "xy", "--tta", "none", "--time-budget", "0"]) == 0
-    assert "kidney_5 predicted, kidney_6 empty (time budget)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "kidney_5 empty (time budget), kidney_6 empty (time budget)" in captured.out
+    assert "kidney_5: would not finish" in captured.err and "kidney_6: would not finish" in captured.err
     rows = pd.read_csv(budget, dtype=str, keep_default_na=False)
-    assert set(rows.loc[rows["id"].str.startswith("kidney_6"), "rle"]) == {"1 0"}
+    assert set(rows["rle"]) == {"1 0"}
+    assert main(["validate", str(budget), str(dataset / "sample_submission.csv")]) == 0

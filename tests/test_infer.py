@@ -4,6 +4,7 @@ ensembling, rescaling, float16 accumulation, thresholds, devices, checkpoints, b
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -50,11 +51,28 @@ def volume():
 
 
 def run(volume, model, **options):
-    options = {"in_chans": 1, "normalization": UNIT, "progress": False, "return_logits": True, **options}
+    options = {"in_chans": 1, "normalization": UNIT, "progress": False, "return_logits": True, "min_plane_side": 1, **options}
     return infer_volume(volume, model, **options).astype(np.float64)
 
 
 FP16_TOLERANCE = 5 / 1024  # one float16 ulp at |logits| ~ 5
+
+
+def test_a_passed_deadline_stops_the_prediction(volume):
+    with pytest.raises(TimeoutError, match="passed its deadline after 1 of"):
+        run(volume, ChannelMean(), batch_size=1, deadline=time.monotonic())
+    run(volume, ChannelMean(), deadline=time.monotonic() + 3600)  # a future deadline changes nothing
+
+
+def test_axes_with_thin_planes_are_skipped(volume):
+    """(9, 45, 70): xz and yz planes are 9 pixels tall; below min_plane_side they are skipped."""
+    xy_only = run(volume, ChannelMean(), axes=["xy"])
+    with pytest.warns(UserWarning, match="skipping axis xz"):
+        np.testing.assert_array_equal(run(volume, ChannelMean(), min_plane_side=10), xy_only)
+    with pytest.warns(UserWarning, match="skipping axis yz"):  # all too thin: the widest planes (xy) stay
+        np.testing.assert_array_equal(run(volume, ChannelMean(), min_plane_side=50), xy_only)
+    with pytest.raises(ValueError, match="min_plane_side"):
+        run(volume, ChannelMean(), min_plane_side=0)
 
 
 @pytest.mark.parametrize("axis", ["xy", "xz", "yz"])

@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,6 +124,7 @@ def infer_volume(
     out: np.ndarray | None = None,
     progress: bool = True,
     deadline: float | None = None,
+    min_plane_side: int = 16,
 ) -> np.ndarray:
     """Predict a (Z, Y, X) volume with one model, a checkpoint, or an ensemble of them.
 
@@ -152,6 +154,10 @@ def infer_volume(
         accumulator_path: keep the float16 accumulator in a ``.npy`` memmap at this path
             instead of RAM.
         out: optional (Z, Y, X) bool array (e.g. a memmap) to write the mask into.
+        min_plane_side: an axis whose planes have a side shorter than this is skipped (with a
+            warning; the other axes' weights are rescaled), e.g. xz and yz of the 3-slice public
+            test placeholder, which would be thousands of tiles of mostly padding. When every
+            axis is that thin, the one with the largest planes is kept.
         deadline: a ``time.monotonic()`` time; checked after every batch, and past it the
             prediction stops with ``TimeoutError`` (``predict_submission``'s time budget).
 
@@ -165,7 +171,7 @@ def infer_volume(
     ensemble = models if isinstance(models, Ensemble) else load_ensemble(
         models, weights=model_weights, in_chans=in_chans, normalization=normalization, device=devices[0]
     )
-    axes, axis_weights = _check_axes(axes, axis_weights)
+    _, axis_weights = _check_axes(axes, axis_weights)
     tile = tile_size if tile_size is not None else ensemble.tile_size
     _check_options(tile, ensemble.stride, overlap, batch_size, threshold, top_fraction, tta)
     use_amp = amp is not False and all(d.type == "cuda" for d in devices)
@@ -176,8 +182,9 @@ def infer_volume(
     factor = voxel_size_um / model_voxel if voxel_size_um and model_voxel else 1.0
     rescale = abs(factor - 1.0) > RESCALE_TOLERANCE
     source = resample_volume(volume, scaled_shape(volume.shape, factor)) if rescale else volume
+    axis_weights = _drop_thin_axes(axis_weights, source.shape, min_plane_side)
     accumulator = _zeros(source.shape, accumulator_path)
-    plans = [_AxisPlan.make(source.shape, axis, tile, overlap, ensemble.stride, square=tta == "d4") for axis in axes]
+    plans = [_AxisPlan.make(source.shape, axis, tile, overlap, ensemble.stride, square=tta == "d4") for axis in axis_weights]
     bar = _TileProgress(sum(p.tile_count for p in plans), deadline, progress)
     replicas = _replicas(ensemble, devices)
     try:
@@ -205,13 +212,16 @@ class _TileProgress:
     """A tqdm bar over tiles that also enforces the deadline (safe to update from threads)."""
 
     def __init__(self, total: int, deadline: float | None, show: bool) -> None:
-        self.deadline = deadline
+        self.deadline, self.total, self.done = deadline, total, 0
+        self.lock = threading.Lock()
         self.bar = tqdm(total=total, desc="infer", unit="tile", disable=not show, smoothing=0.05)
 
     def update(self, tiles: int) -> None:
-        self.bar.update(tiles)
+        with self.lock:
+            self.done += tiles
+            self.bar.update(tiles)
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise TimeoutError(f"inference passed its deadline after {self.bar.n} of {self.bar.total} tiles")
+            raise TimeoutError(f"inference passed its deadline after {self.done} of {self.total} tiles")
 
     def close(self) -> None:
         self.bar.close()
@@ -436,6 +446,24 @@ def _check_axes(axes: Sequence[str], weights: Mapping[str, float] | None) -> tup
         raise ValueError(f"axis_weights must give each of {axes} a non-negative weight, got {weights}")
     total = sum(weights.values())
     return axes, {axis: w / total for axis, w in weights.items()}
+
+
+def _drop_thin_axes(weights: dict[str, float], shape: tuple[int, ...], min_side: int) -> dict[str, float]:
+    """The axes whose planes are at least ``min_side`` on both sides, weights summing to 1."""
+    if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1:
+        raise ValueError(f"min_plane_side must be a positive int, got {min_side!r}")
+    plane_side = {axis: min(s for i, s in enumerate(shape) if i != SLICE_AXIS[axis]) for axis in weights}
+    kept = {axis: w for axis, w in weights.items() if plane_side[axis] >= min_side}
+    if not kept:
+        widest = max(weights, key=plane_side.get)
+        kept = {widest: 1.0}
+    for axis in weights.keys() - kept.keys():
+        warnings.warn(f"skipping axis {axis}: its planes are only {plane_side[axis]} pixels on a side "
+                      f"(min_plane_side={min_side}) for a volume of shape {shape}", stacklevel=3)
+    total = sum(kept.values())
+    if total <= 0:
+        raise ValueError(f"every axis with a positive weight has planes thinner than min_plane_side={min_side}")
+    return {axis: w / total for axis, w in kept.items()}
 
 
 def _check_options(tile, stride, overlap, batch_size, threshold, top_fraction, tta) -> None:

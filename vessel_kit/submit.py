@@ -80,7 +80,7 @@ def predict_submission(
             elapsed = time.monotonic() - started
             if failure:
                 status[volume.name] = failure
-            elif deadline is not None and done and elapsed + voxels * elapsed / done > time_budget_s:
+            elif deadline is not None and (elapsed >= time_budget_s or done and elapsed + voxels * elapsed / done > time_budget_s):
                 log(f"{volume.name}: would not finish within the {time_budget_s:.0f} s budget; writing empty masks")
                 status[volume.name] = "empty (time budget)"
             else:

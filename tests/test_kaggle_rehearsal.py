@@ -1,0 +1,150 @@
+"""The offline Kaggle rehearsal: build the dataset, install it with no index into a fresh venv that
+stands in for Kaggle's image, run kaggle/infer.ipynb there, check and score its submission.
+
+The stand-in image is a new virtual environment that sees the test environment's packages
+through a ``.pth`` file, except those the bundle must bring (vessel_kit, segmentation-models-pytorch,
+timm, safetensors): if the bundle lacked one, the notebook would fail to import it. pip runs with
+``--no-index`` and an unreachable index URL, as on Kaggle. Building the bundle downloads the pinned
+wheels through pip's registry, as on a user's machine.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from vessel_kit import read_bundle, score_submission, validate_submission
+from vessel_kit.bundle import main as build_dataset
+from vessel_kit.submit import predict_submission
+from vessel_kit.synth import make_synthetic_dataset
+from vessel_kit.training import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = ("vessel_kit", "segmentation_models_pytorch", "timm", "safetensors")
+INFER_OPTIONS = {"axes": ["xy", "xz", "yz"], "tta": "none", "tile_size": 128, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory, real_data):
+    """Everything up to the notebook run: checkpoint, bundle, fake /kaggle/input, fresh venv."""
+    tmp = tmp_path_factory.mktemp("rehearsal")
+    data = make_synthetic_dataset(tmp / "input" / "blood-vessel-segmentation", scale=0.5, seed=3, progress=False)
+    _add_placeholder(data, real_data / "kidney_test_placeholder")
+    result = train(TrainConfig.from_dict({
+        "recipe": "synthetic_cpu", "data_root": str(data), "out_dir": str(tmp / "runs" / "tiny"), "crop_size": 96,
+        "crops_per_epoch": 256, "batch_size": 16, "epochs": 6, "num_workers": 0, "progress": False,
+    }))
+    infer_config = tmp / "infer.yaml"
+    infer_config.write_text(json.dumps(INFER_OPTIONS))
+    bundle_dir = tmp / "input" / "vessel-kit-bundle"
+    status = build_dataset([
+        "--checkpoints", str(tmp / "runs" / "tiny"), "--out", str(bundle_dir), "--wheels", str(tmp / "wheels"),
+        "--kaggle-id", "someone/vessel-kit-rehearsal", "--infer-config", str(infer_config),
+    ])
+    assert status == 0
+    venv = _kaggle_like_venv(tmp)
+    return {"tmp": tmp, "data": data, "bundle": bundle_dir, "venv": venv, "checkpoint": result.best_checkpoint}
+
+
+def test_the_venv_stands_in_for_kaggle(rehearsal):
+    python = rehearsal["venv"] / "bin" / "python"
+    assert _imports(python, "torch, numpy, cv2, tifffile, pandas, ipykernel")
+    for module in BUNDLED:
+        assert not _imports(python, module), f"{module} must come from the bundle, not the stand-in image"
+
+
+def test_bundle_holds_what_the_notebook_needs(rehearsal):
+    bundle = read_bundle(rehearsal["bundle"])
+    assert [p.name for p in bundle.checkpoints] == ["tiny.safetensors"]
+    assert bundle.infer_options == INFER_OPTIONS
+    assert bundle.manifest["checkpoints"][0]["trained_on"]["train_volumes"] == ["kidney_1_dense", "kidney_2"]
+    assert bundle.manifest["checkpoints"][0]["voxel_size_um"] == 50.0
+    wheels = sorted(p.name.split("-")[0] for p in rehearsal["bundle"].glob("*.whl"))
+    assert wheels == ["safetensors", "segmentation_models_pytorch", "timm", "vessel_kit"]
+    metadata = json.loads((rehearsal["bundle"] / "dataset-metadata.json").read_text())
+    assert metadata["id"] == "someone/vessel-kit-rehearsal"
+
+
+def test_infer_notebook_offline(rehearsal, monkeypatch):
+    tmp, data = rehearsal["tmp"], rehearsal["data"]
+    out = tmp / "working"
+    out.mkdir()
+    env = {
+        "VESSEL_KIT_DATA": str(data), "VESSEL_KIT_INPUT": str(tmp / "input"), "VESSEL_KIT_OUT": str(out),
+        "JUPYTER_PATH": str(tmp / "jupyter"), "PIP_CONFIG_FILE": os.devnull,
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",  # unreachable: a registry lookup would fail
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(REPO / "kaggle" / "infer.ipynb", as_version=4)
+    # run in the working folder, as on Kaggle (the checkout's vessel_kit/ must not be importable)
+    NotebookClient(notebook, timeout=900, kernel_name="kaggle-rehearsal", resources={"metadata": {"path": str(out)}}).execute()
+    printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    assert "tiny.safetensors" in printed and "devices: cpu" in printed
+
+    submission = out / "submission.csv"
+    validate_submission(submission, data / "sample_submission.csv")
+    rows = pd.read_csv(submission, keep_default_na=False)
+    assert rows["id"].str.startswith("kidney_placeholder_").sum() == 3
+
+    # The same prediction in this process: the bundle reproduces the library exactly.
+    reference = tmp / "reference.csv"
+    predict_submission(data, [rehearsal["checkpoint"]], reference, device="cpu", **INFER_OPTIONS)
+    assert submission.read_text() == reference.read_text()
+    scores = score_submission(data / "solution.csv", submission, progress=False)
+    assert set(scores) == {"kidney_5", "kidney_6", "mean"}
+    assert scores["mean"] > 0.05, f"the tiny model should find some vessels: {scores}"
+
+
+def _add_placeholder(data: Path, slices: Path) -> None:
+    """The public test's 3 real slices as one more test volume, listed in the sample submission."""
+    images = data / "test" / "kidney_placeholder" / "images"
+    images.mkdir(parents=True)
+    for path in sorted(slices.glob("*.tif")):
+        shutil.copyfile(path, images / path.name)
+    sample = data / "sample_submission.csv"
+    rows = [f"kidney_placeholder_{p.stem},1 0" for p in sorted(slices.glob("*.tif"))]
+    sample.write_text(sample.read_text() + "\n".join(rows) + "\n")
+
+
+def _kaggle_like_venv(tmp: Path) -> Path:
+    """A fresh venv whose only extra packages are this environment's, minus the bundled ones."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    bundled = set()
+    for name in BUNDLED:  # packages, modules and dist-info folders (an editable install lists few files)
+        files = importlib.metadata.distribution(name).files or []
+        bundled |= {f.parts[0] for f in files if f.parts[0] != ".."} | {name}
+    image = tmp / "kaggle_image"
+    image.mkdir()
+    for entry in site.iterdir():
+        distribution = entry.name.split("-")[0].replace(".", "_")
+        if entry.name in bundled or distribution in bundled or entry.suffix == ".pth" or entry.name.startswith("__editable__"):
+            continue
+        (image / entry.name).symlink_to(entry)
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    venv_site = next((venv / "lib").glob("python3*/site-packages"))
+    (venv_site / "kaggle_image.pth").write_text(f"{image}\n")
+    kernel = tmp / "jupyter" / "kernels" / "kaggle-rehearsal"
+    kernel.mkdir(parents=True)
+    (kernel / "kernel.json").write_text(json.dumps({
+        "argv": [str(venv / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Kaggle rehearsal", "language": "python",
+    }))
+    return venv
+
+
+def _imports(python: Path, modules: str) -> bool:
+    # run outside the checkout, whose vessel_kit/ folder would otherwise be importable
+    return subprocess.run([str(python), "-c", f"import {modules}"], capture_output=True, cwd=python.parents[2]).returncode == 0
