@@ -158,7 +158,7 @@ def build_bundle(
         (staging / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
         manifest = {
             "format": MANIFEST_FORMAT,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (3.10)
             "vessel_kit": version,
             "git_commit": _git_commit(source_dir),
             "python": python_version,
@@ -242,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.kaggle_id is not None and not re.fullmatch(r"[\w-]+/[a-z0-9][a-z0-9-]{2,49}", args.kaggle_id):
-            raise ValueError(f"--kaggle-id must be USER/SLUG (slug: 3-50 lowercase letters, digits, dashes), got {args.kaggle_id!r}")
+            raise ValueError(
+                f"--kaggle-id must be USER/SLUG (slug: 3-50 lowercase letters, digits, dashes), got {args.kaggle_id!r}"
+            )
         if args.upload and args.kaggle_id is None:
             raise ValueError("--upload needs --kaggle-id USER/SLUG")
         bundle = build_bundle(

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .layout import KNOWN_VOXEL_SIZES_UM
 from .metric import score_submission
 from .rle import validate_submission
 
@@ -60,7 +61,10 @@ def _build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of voxels instead")
     infer.add_argument("--min-component-size", type=int, default=0, help="drop 3D components smaller than this")
     infer.add_argument("--time-budget", type=float, default=None, help="seconds; later volumes get empty masks past it")
-    infer.add_argument("--device", default=None, help="cpu, cuda, or comma-separated devices (default: cuda if any)")
+    infer.add_argument("--device", default=None,
+                       help="cpu, cuda:N, comma-separated devices, or auto (default: every working GPU, else cpu)")
+    infer.add_argument("--logits-dir", type=Path, default=None, help="also keep each volume's float16 logits there (.npy)")
+    infer.add_argument("--on-error", default="raise", choices=("raise", "empty"), help="empty: a failing volume gets empty masks")
     infer.set_defaults(run=_run_infer)
 
     score = commands.add_parser("score", help="score a submission against a solution CSV")
@@ -107,7 +111,7 @@ def _run_infer(args: argparse.Namespace) -> int:
 
     status = predict_submission(
         args.data_root, args.checkpoints, args.out, split=args.split, time_budget_s=args.time_budget,
-        device=args.device.split(",") if args.device else None, axes=args.axes.split(","), tta=args.tta,
+        device=args.device, on_error=args.on_error, logits_dir=args.logits_dir, axes=args.axes.split(","), tta=args.tta,
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, threshold=args.threshold,
         top_fraction=args.top_fraction, min_component_size=args.min_component_size,
     )
@@ -131,6 +135,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     """The built-in default job: synthesise a dataset, train the ``synthetic_cpu`` recipe, predict
     the test volumes, write and validate a submission, score it. Reruns reuse the dataset and
     resume the training."""
+    from .qc import qc_report
     from .submit import predict_submission
     from .synth import make_synthetic_dataset
     from .training import TrainConfig, train
@@ -145,13 +150,19 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.epochs:
         options["epochs"] = args.epochs
     result = train(TrainConfig.from_dict(options))
-    submission = args.out / "submission.csv"
-    predict_submission(data_root, [result.best_checkpoint], submission, tta="none" if args.quick else "flips")
+    submission, logits_dir = args.out / "submission.csv", args.out / "logits"
+    status = predict_submission(data_root, [result.best_checkpoint], submission, logits_dir=logits_dir,
+                                tta="none" if args.quick else "flips")
     scores = score_submission(data_root / "solution.csv", submission, progress=False)
+    curves = qc_report(data_root, submission, logits_dir, args.out / "qc.png")
     print(f"\nsurface Dice of the test volumes (model: {result.best_checkpoint}):")
     print(_format_scores(scores))
-    print(f"\ndone in {time.perf_counter() - started:.0f} s; dataset: {data_root}, training run: "
-          f"{args.out / 'run'} (curves.png, metrics.jsonl), submission: {submission}")
+    for name, curve in curves.items():
+        best = max(curve, key=lambda point: point[1])
+        print(f"  {name}: best threshold {best[0]:.2f} would give {best[1]:.4f} ({status[name]}, "
+              f"{KNOWN_VOXEL_SIZES_UM.get(name)} µm)")
+    print(f"\ndone in {time.perf_counter() - started:.0f} s. Outputs in {args.out}: data/ (synthetic dataset), "
+          f"run/ (checkpoints, curves.png, metrics.jsonl), submission.csv, logits/, qc.png (overlays, score vs threshold)")
     return 0
 
 

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import AXES, SLICE_AXIS
+from .devices import usable_devices
 from .models import load_checkpoint, model_stride
 from .normalize import Normalization
 from .postprocess import remove_small_components
@@ -144,7 +145,8 @@ def infer_volume(
             ``RESCALE_TOLERANCE``, the volume is resampled to the model's resolution and the
             logits back (model_voxel_size_um defaults to the checkpoints' training voxel size).
         device: "cpu", "cuda", "cuda:1", or a list of devices that split the planes between
-            them (e.g. Kaggle's two T4s); default CUDA when available.
+            them (e.g. Kaggle's two T4s); default every CUDA device that works
+            (``usable_devices``), else the CPU.
         amp: float16 autocast on CUDA devices (default on; never on the CPU).
         threshold / top_fraction: the mask is probability > threshold, or (when given) the
             ``top_fraction`` of voxels with the highest logits (exactly, ties included).
@@ -498,7 +500,7 @@ def _agree(what: str, values: list[tuple[object, str]], given: object, required:
 
 def _devices(device) -> list[torch.device]:
     if device is None:
-        return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+        return [torch.device(name) for name in usable_devices()]
     items = device if isinstance(device, (list, tuple)) else [device]
     if not items:
         raise ValueError("device list is empty")

@@ -39,6 +39,7 @@ def predict_submission(
     time_budget_s: float | None = None,
     device: str | Sequence[str] | None = None,
     on_error: str = "raise",
+    logits_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
     **infer_options,
 ) -> dict[str, str]:
@@ -51,6 +52,8 @@ def predict_submission(
         on_error: "raise", or "empty" to give a volume that fails empty masks and go on (the
             traceback is logged); when the layout itself cannot be read, every id of
             ``sample_submission.csv`` gets an empty mask.
+        logits_dir: keep each volume's float16 logits there as ``<volume>.npy`` (a memmap, so
+            not in RAM either; at the models' voxel size when the volume was rescaled).
         infer_options: go to ``infer_volume`` (axes, tta, tile_size, threshold, ...); each
             volume's voxel size comes from the layout.
 
@@ -72,6 +75,8 @@ def predict_submission(
         log(f"cannot read the {split} volumes ({error}); writing empty masks for the sample submission's ids")
         return write_empty_submission(sample, out, reason=f"empty (error: {error})")
     loaded, failure = _load(checkpoints, device, on_error, log)
+    if logits_dir is not None:
+        Path(logits_dir).mkdir(parents=True, exist_ok=True)
     total = sum(int(np.prod(v.shape)) for v in volumes)
     done, status = 0, {}
     with SubmissionWriter(out) as writer:
@@ -80,12 +85,15 @@ def predict_submission(
             elapsed = time.monotonic() - started
             if failure:
                 status[volume.name] = failure
-            elif deadline is not None and (elapsed >= time_budget_s or done and elapsed + voxels * elapsed / done > time_budget_s):
+            elif deadline is not None and _out_of_time(elapsed, time_budget_s, voxels, done):
                 log(f"{volume.name}: would not finish within the {time_budget_s:.0f} s budget; writing empty masks")
                 status[volume.name] = "empty (time budget)"
             else:
                 log(f"{volume.name}: {volume.shape}, {volume.voxel_size_um} µm")
-                status[volume.name] = _predict(volume, loaded, deadline, on_error, log, infer_options, writer)
+                options = {**infer_options, "deadline": deadline}
+                if logits_dir is not None:
+                    options["accumulator_path"] = Path(logits_dir) / f"{volume.name}.npy"
+                status[volume.name] = _predict(volume, loaded, on_error, log, options, writer)
             if status[volume.name] != "predicted":
                 _add_empty(writer, volume)
                 continue
@@ -109,6 +117,11 @@ def write_empty_submission(
     return {row_id.rsplit("_", 1)[0]: reason for row_id in ids}
 
 
+def _out_of_time(elapsed: float, budget: float, voxels: int, done: int) -> bool:
+    """The budget is spent, or this volume would overrun it at the voxel rate so far."""
+    return elapsed >= budget or (done > 0 and elapsed + voxels * elapsed / done > budget)
+
+
 def _load(checkpoints, device, on_error, log):
     """((ensemble, devices), None), or (None, status) when loading failed and on_error is "empty"."""
     try:
@@ -126,13 +139,12 @@ def _load(checkpoints, device, on_error, log):
         return None, f"empty (error: {error})"
 
 
-def _predict(volume: VolumeInfo, loaded, deadline, on_error, log, infer_options, writer) -> str:
+def _predict(volume: VolumeInfo, loaded, on_error, log, options, writer) -> str:
     """Predict one volume into ``writer``; returns its status (nothing is written unless predicted)."""
     ensemble, devices = loaded
     try:
         mask = infer_volume(
-            volume.read_images(), ensemble, voxel_size_um=volume.voxel_size_um, device=devices,
-            deadline=deadline, **infer_options,
+            volume.read_images(), ensemble, voxel_size_um=volume.voxel_size_um, device=devices, **options
         )
     except TimeoutError as error:
         log(f"{volume.name}: {error}; writing empty masks")
