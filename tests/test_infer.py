@@ -64,6 +64,26 @@ def test_a_passed_deadline_stops_the_prediction(volume):
     run(volume, ChannelMean(), deadline=time.monotonic() + 3600)  # a future deadline changes nothing
 
 
+def test_axes_the_deadline_cannot_fit_are_skipped(volume, monkeypatch):
+    """A fake clock that advances one second per batch: with a deadline one second after xy
+    ends, xz would overrun; the result is the xy prediction alone, at full weight."""
+    clock = {"now": 0.0}
+
+    class Ticking(ChannelMean):
+        def forward(self, x):
+            clock["now"] += 1.0
+            return super().forward(x)
+
+    monkeypatch.setattr(time, "monotonic", lambda: clock["now"])
+    options = {"in_chans": 3, "tile_size": 64, "batch_size": 2, "tta": "none"}
+    run(volume, Ticking(), axes=["xy"], **options)
+    xy_seconds, clock["now"] = clock["now"], 0.0
+    with pytest.warns(UserWarning, match=r"no time for axes \['xz'\]; using \['xy'\] only"):
+        logits = run(volume, Ticking(), axis_weights={"xy": 1, "xz": 2}, axes=["xy", "xz"], deadline=xy_seconds + 1, **options)
+    assert clock["now"] == xy_seconds
+    np.testing.assert_allclose(logits, expected_channel_mean(volume, "xy", 3), atol=FP16_TOLERANCE)
+
+
 def test_axes_with_thin_planes_are_skipped(volume):
     """(9, 45, 70): xz and yz planes are 9 pixels tall; below min_plane_side they are skipped."""
     xy_only = run(volume, ChannelMean(), axes=["xy"])

@@ -4,6 +4,7 @@ unreadable layout) with on_error="empty"; logits kept on request; the QC report 
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import torch
 import vessel_kit.submit as submit
 from vessel_kit import rle_decode, validate_submission
 from vessel_kit.devices import usable_devices
+from vessel_kit.infer import DeadlineWarning
 from vessel_kit.models import ModelConfig, build_model, save_checkpoint
 from vessel_kit.qc import qc_report, read_solution_volume, threshold_curve
 from vessel_kit.synth import make_synthetic_dataset
@@ -51,6 +53,28 @@ def test_a_failing_volume_gets_empty_masks(dataset, checkpoint, tmp_path, monkey
     status = submit.predict_submission(dataset, [checkpoint], out, device="cpu", on_error="empty", log=lambda _: None)
     assert status == {"kidney_5": "predicted", "kidney_6": "empty (error: CUDA out of memory)"}
     validate_submission(out, dataset / "sample_submission.csv")
+    written = rows(out)
+    assert {rle for row_id, rle in written.items() if row_id.startswith("kidney_6")} == {"1 0"}
+    assert all(rle != "1 0" for row_id, rle in written.items() if row_id.startswith("kidney_5"))
+
+
+def test_the_time_budget_shows_in_the_status(dataset, checkpoint, tmp_path, monkeypatch):
+    """kidney_5 had to leave axes out (DeadlineWarning), kidney_6 passed the deadline mid-way."""
+    def hurried(volume, ensemble, deadline, **options):
+        assert deadline is not None
+        if volume.shape[0] == 14:
+            raise TimeoutError("inference passed its deadline after 3 of 9 tiles")
+        warnings.warn("the deadline leaves no time for axes ['yz']; using ['xy', 'xz'] only", DeadlineWarning)
+        warnings.warn("an unrelated warning")
+        return np.ones(volume.shape, dtype=bool)
+
+    monkeypatch.setattr(submit, "infer_volume", hurried)
+    out, logged = tmp_path / "submission.csv", []
+    with pytest.warns(UserWarning, match="an unrelated warning"):  # passed on, not swallowed
+        status = submit.predict_submission(dataset, [checkpoint], out, device="cpu", time_budget_s=3600, log=logged.append)
+    assert status == {"kidney_5": "predicted (the deadline leaves no time for axes ['yz']; using ['xy', 'xz'] only)",
+                      "kidney_6": "empty (time budget)"}
+    assert any("kidney_6: inference passed its deadline" in line for line in logged)
     written = rows(out)
     assert {rle for row_id, rle in written.items() if row_id.startswith("kidney_6")} == {"1 0"}
     assert all(rle != "1 0" for row_id, rle in written.items() if row_id.startswith("kidney_5"))

@@ -44,7 +44,11 @@ ModelSource = torch.nn.Module | str | os.PathLike
 LOGIT_LIMIT = 1000.0  # plane logits are clipped to +-this before float16 accumulation (max 65504)
 RESCALE_TOLERANCE = 0.02  # voxel sizes within 2 % count as equal (kidney_5: 50.28 vs 50 µm)
 
-__all__ = ["Ensemble", "infer_volume", "load_ensemble"]
+__all__ = ["DeadlineWarning", "Ensemble", "infer_volume", "load_ensemble"]
+
+
+class DeadlineWarning(UserWarning):
+    """Axes were left out so that ``infer_volume`` ends before its deadline."""
 
 
 @dataclass
@@ -160,8 +164,10 @@ def infer_volume(
             warning; the other axes' weights are rescaled), e.g. xz and yz of the 3-slice public
             test placeholder, which would be thousands of tiles of mostly padding. When every
             axis is that thin, the one with the largest planes is kept.
-        deadline: a ``time.monotonic()`` time; checked after every batch, and past it the
-            prediction stops with ``TimeoutError`` (``predict_submission``'s time budget).
+        deadline: a ``time.monotonic()`` time (``predict_submission``'s time budget). An axis
+            that would end past it at the tile rate so far is not started, and the axes done
+            are used alone (with a warning); past it in the middle of an axis, the prediction
+            stops with ``TimeoutError``.
 
     Returns:
         a (Z, Y, X) bool mask, or float16 logits with ``return_logits``.
@@ -189,13 +195,21 @@ def infer_volume(
     plans = [_AxisPlan.make(source.shape, axis, tile, overlap, ensemble.stride, square=tta == "d4") for axis in axis_weights]
     bar = _TileProgress(sum(p.tile_count for p in plans), deadline, progress)
     replicas = _replicas(ensemble, devices)
+    done_weight = 0.0
     try:
-        for plan in plans:
+        for index, plan in enumerate(plans):
+            if bar.would_overrun(plan.tile_count):
+                warnings.warn(f"the deadline leaves no time for axes {[p.axis for p in plans[index:]]}; "
+                              f"using {[p.axis for p in plans[:index]]} only", DeadlineWarning, stacklevel=2)
+                break
             weight = axis_weights[plan.axis]
             _run_axis(source, plan, weight, replicas, window, views, batch_size, use_amp, accumulator, bar)
+            done_weight += weight
     finally:
         bar.close()
     del source
+    if done_weight < 1.0 - 1e-6:  # axes were skipped: renormalise the weights of those done
+        _scale(accumulator, 1.0 / done_weight)
 
     def logit_slices() -> Iterator[np.ndarray]:
         if accumulator.shape == volume.shape:
@@ -215,8 +229,17 @@ class _TileProgress:
 
     def __init__(self, total: int, deadline: float | None, show: bool) -> None:
         self.deadline, self.total, self.done = deadline, total, 0
+        self.started = time.monotonic()
         self.lock = threading.Lock()
         self.bar = tqdm(total=total, desc="infer", unit="tile", disable=not show, smoothing=0.05)
+
+    def would_overrun(self, tiles: int) -> bool:
+        """Whether ``tiles`` more, at the rate so far, would end past the deadline (False before
+        any tile is done: the first axis always starts)."""
+        if self.deadline is None or self.done == 0:
+            return False
+        now = time.monotonic()
+        return now + tiles * (now - self.started) / self.done > self.deadline
 
     def update(self, tiles: int) -> None:
         with self.lock:
@@ -523,6 +546,12 @@ def _zeros(shape, path) -> np.ndarray:
     if path is None:
         return np.zeros(shape, dtype=np.float16)
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+
+
+def _scale(accumulator: np.ndarray, factor: float, chunk: int = 16) -> None:
+    """Multiply the float16 accumulator in place, a few slices at a time (no float32 copy)."""
+    for start in range(0, accumulator.shape[0], chunk):
+        accumulator[start : start + chunk] *= np.float16(factor)
 
 
 def _pad_to(stack: np.ndarray, height: int, width: int) -> np.ndarray:

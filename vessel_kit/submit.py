@@ -15,13 +15,14 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .devices import usable_devices
-from .infer import infer_volume, load_ensemble
+from .infer import DeadlineWarning, infer_volume, load_ensemble
 from .layout import VolumeInfo, find_volumes
 from .rle import EMPTY_RLE, SubmissionWriter, read_submission, slice_id, validate_submission
 
@@ -58,7 +59,8 @@ def predict_submission(
             volume's voxel size comes from the layout.
 
     Returns:
-        each volume's status: "predicted", "empty (time budget)" or "empty (error: ...)".
+        each volume's status: "predicted", "predicted (... using [axes] only)" when the time
+        budget left axes out, "empty (time budget)" or "empty (error: ...)".
         The file is validated against ``sample_submission.csv`` when the root has one.
     """
     if on_error not in ON_ERROR:
@@ -94,7 +96,7 @@ def predict_submission(
                 if logits_dir is not None:
                     options["accumulator_path"] = Path(logits_dir) / f"{volume.name}.npy"
                 status[volume.name] = _predict(volume, loaded, on_error, log, options, writer)
-            if status[volume.name] != "predicted":
+            if not status[volume.name].startswith("predicted"):
                 _add_empty(writer, volume)
                 continue
             done += voxels
@@ -143,9 +145,11 @@ def _predict(volume: VolumeInfo, loaded, on_error, log, options, writer) -> str:
     """Predict one volume into ``writer``; returns its status (nothing is written unless predicted)."""
     ensemble, devices = loaded
     try:
-        mask = infer_volume(
-            volume.read_images(), ensemble, voxel_size_um=volume.voxel_size_um, device=devices, **options
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DeadlineWarning)
+            mask = infer_volume(
+                volume.read_images(), ensemble, voxel_size_um=volume.voxel_size_um, device=devices, **options
+            )
     except TimeoutError as error:
         log(f"{volume.name}: {error}; writing empty masks")
         return "empty (time budget)"
@@ -155,7 +159,14 @@ def _predict(volume: VolumeInfo, loaded, on_error, log, options, writer) -> str:
         log(f"{volume.name} failed, writing empty masks:\n{traceback.format_exc()}")
         return f"empty (error: {error})"
     writer.add_volume(volume.name, volume.stems, mask)
-    return "predicted"
+    status = "predicted"
+    for warning in caught:  # the deadline's note goes into the status, other warnings on their way
+        if issubclass(warning.category, DeadlineWarning):
+            log(f"{volume.name}: {warning.message}")
+            status = f"predicted ({warning.message})"
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return status
 
 
 def _add_empty(writer: SubmissionWriter, volume: VolumeInfo) -> None:
