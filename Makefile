@@ -1,11 +1,11 @@
-# make demo | make test | make test-slow | make bench — each creates .venv on first use.
+# make demo | make test | make test-slow | make rehearsal | make dataset | make bench — each creates .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow rehearsal dataset bench clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+rehearsal: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_kaggle_rehearsal.py
+
+dataset: $(STAMP)
+	./build_dataset.sh $(ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_metric.py
 	$(BIN)/python benchmarks/bench_io.py
 	$(BIN)/python benchmarks/bench_infer.py
 
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info
+	rm -rf $(VENV) demo_out build dist *.egg-info
