@@ -37,7 +37,7 @@ INFER_OPTIONS = {"axes": ["xy", "xz", "yz"], "tta": "none", "tile_size": 128, "p
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory, real_data):
-    """Everything up to the notebook run: checkpoint, bundle, fake /kaggle/input, fresh venv."""
+    """Everything up to the notebook runs: checkpoint, bundle, fake /kaggle/input, stand-in image."""
     tmp = tmp_path_factory.mktemp("rehearsal")
     data = make_synthetic_dataset(tmp / "input" / "blood-vessel-segmentation", scale=0.5, seed=3, progress=False)
     _add_placeholder(data, real_data / "kidney_test_placeholder")
@@ -53,12 +53,11 @@ def rehearsal(tmp_path_factory, real_data):
         "--kaggle-id", "someone/vessel-kit-rehearsal", "--infer-config", str(infer_config),
     ])
     assert status == 0
-    venv = _kaggle_like_venv(tmp)
-    return {"tmp": tmp, "data": data, "bundle": bundle_dir, "venv": venv, "checkpoint": result.best_checkpoint}
+    return {"tmp": tmp, "data": data, "bundle": bundle_dir, "image": _kaggle_image(tmp), "checkpoint": result.best_checkpoint}
 
 
 def test_the_venv_stands_in_for_kaggle(rehearsal):
-    python = rehearsal["venv"] / "bin" / "python"
+    python = _kaggle_like_venv(rehearsal, "probe") / "bin" / "python"
     assert _imports(python, "torch, numpy, cv2, tifffile, pandas, ipykernel")
     for module in BUNDLED:
         assert not _imports(python, module), f"{module} must come from the bundle, not the stand-in image"
@@ -78,19 +77,8 @@ def test_bundle_holds_what_the_notebook_needs(rehearsal):
 
 def test_infer_notebook_offline(rehearsal, monkeypatch):
     tmp, data = rehearsal["tmp"], rehearsal["data"]
-    out = tmp / "working"
-    out.mkdir()
-    env = {
-        "VESSEL_KIT_DATA": str(data), "VESSEL_KIT_INPUT": str(tmp / "input"), "VESSEL_KIT_OUT": str(out),
-        "JUPYTER_PATH": str(tmp / "jupyter"), "PIP_CONFIG_FILE": os.devnull,
-        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",  # unreachable: a registry lookup would fail
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    notebook = nbformat.read(REPO / "kaggle" / "infer.ipynb", as_version=4)
-    # run in the working folder, as on Kaggle (the checkout's vessel_kit/ must not be importable)
-    NotebookClient(notebook, timeout=900, kernel_name="kaggle-rehearsal", resources={"metadata": {"path": str(out)}}).execute()
-    printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    out = tmp / "working-infer"
+    printed = _run_offline("infer.ipynb", rehearsal, out, {"VESSEL_KIT_DATA": str(data)}, monkeypatch)
     assert "tiny.safetensors" in printed and "devices: cpu" in printed
 
     submission = out / "submission.csv"
@@ -107,6 +95,38 @@ def test_infer_notebook_offline(rehearsal, monkeypatch):
     assert scores["mean"] > 0.05, f"the tiny model should find some vessels: {scores}"
 
 
+def test_train_notebook_offline(rehearsal, monkeypatch):
+    """kaggle/train.ipynb installs from the bundle too (into its own fresh venv) and trains."""
+    tmp = rehearsal["tmp"]
+    config = tmp / "train.yaml"
+    config.write_text(json.dumps({
+        "recipe": "synthetic_cpu", "data_root": str(rehearsal["data"]), "out_dir": str(tmp / "runs" / "notebook"),
+        "crop_size": 64, "crops_per_epoch": 16, "batch_size": 8, "epochs": 1, "num_workers": 0, "progress": False,
+    }))
+    printed = _run_offline("train.ipynb", rehearsal, tmp / "working-train", {"VESSEL_KIT_TRAIN_CONFIG": str(config)}, monkeypatch)
+    assert "best validation surface Dice" in printed
+    assert (tmp / "runs" / "notebook" / "best.safetensors").is_file()
+
+
+def _run_offline(name: str, rehearsal, out: Path, env: dict[str, str], monkeypatch) -> str:
+    """Execute kaggle/<name> in a fresh Kaggle-like venv with no package index; returns its text output."""
+    tmp = rehearsal["tmp"]
+    kernel = name.split(".")[0]
+    _kaggle_like_venv(rehearsal, kernel)
+    out.mkdir()
+    env = {
+        "VESSEL_KIT_INPUT": str(tmp / "input"), "VESSEL_KIT_OUT": str(out), "JUPYTER_PATH": str(tmp / "jupyter"),
+        "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",  # unreachable registry
+        **env,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(REPO / "kaggle" / name, as_version=4)
+    # run in the working folder, as on Kaggle (the checkout's vessel_kit/ must not be importable)
+    NotebookClient(notebook, timeout=900, kernel_name=kernel, resources={"metadata": {"path": str(out)}}).execute()
+    return "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+
+
 def _add_placeholder(data: Path, slices: Path) -> None:
     """The public test's 3 real slices as one more test volume, listed in the sample submission."""
     images = data / "test" / "kidney_placeholder" / "images"
@@ -118,8 +138,8 @@ def _add_placeholder(data: Path, slices: Path) -> None:
     sample.write_text(sample.read_text() + "\n".join(rows) + "\n")
 
 
-def _kaggle_like_venv(tmp: Path) -> Path:
-    """A fresh venv whose only extra packages are this environment's, minus the bundled ones."""
+def _kaggle_image(tmp: Path) -> Path:
+    """A folder of links to this environment's packages, minus those the bundle must bring."""
     site = Path(sysconfig.get_paths()["purelib"])
     bundled = set()
     for name in BUNDLED:  # packages, modules and dist-info folders (an editable install lists few files)
@@ -132,15 +152,21 @@ def _kaggle_like_venv(tmp: Path) -> Path:
         if entry.name in bundled or distribution in bundled or entry.suffix == ".pth" or entry.name.startswith("__editable__"):
             continue
         (image / entry.name).symlink_to(entry)
-    venv = tmp / "venv"
+    return image
+
+
+def _kaggle_like_venv(rehearsal, name: str) -> Path:
+    """A fresh venv that sees the stand-in image, with a Jupyter kernel ``name`` running it."""
+    tmp = rehearsal["tmp"]
+    venv = tmp / f"venv-{name}"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     venv_site = next((venv / "lib").glob("python3*/site-packages"))
-    (venv_site / "kaggle_image.pth").write_text(f"{image}\n")
-    kernel = tmp / "jupyter" / "kernels" / "kaggle-rehearsal"
+    (venv_site / "kaggle_image.pth").write_text(f"{rehearsal['image']}\n")
+    kernel = tmp / "jupyter" / "kernels" / name
     kernel.mkdir(parents=True)
     (kernel / "kernel.json").write_text(json.dumps({
         "argv": [str(venv / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Kaggle rehearsal", "language": "python",
+        "display_name": f"Kaggle rehearsal ({name})", "language": "python",
     }))
     return venv
 
