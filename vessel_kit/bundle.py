@@ -40,7 +40,7 @@ MANIFEST_NAME = "vessel_kit_manifest.json"
 REQUIREMENTS_NAME = "requirements.txt"
 METADATA_NAME = "dataset-metadata.json"
 MANIFEST_FORMAT = 1
-KAGGLE_PYTHON = "3.11"  # the Python of Kaggle's current notebook image
+KAGGLE_PYTHON = "3.11"  # taken to be Kaggle's current image; the pinned wheels also fit 3.10 and 3.12
 KAGGLE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 PLACEHOLDER_ID = "your-kaggle-username/vessel-kit"
 # infer_volume arguments that predict_submission sets itself, per volume or per run

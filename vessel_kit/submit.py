@@ -24,7 +24,13 @@ import numpy as np
 from .devices import usable_devices
 from .infer import DeadlineWarning, infer_volume, load_ensemble
 from .layout import VolumeInfo, find_volumes
-from .rle import EMPTY_RLE, SubmissionWriter, read_submission, slice_id, validate_submission
+from .rle import (
+    EMPTY_RLE,
+    SubmissionWriter,
+    read_submission,
+    slice_id,
+    validate_submission,
+)
 
 __all__ = ["ON_ERROR", "predict_submission", "write_empty_submission"]
 
@@ -48,7 +54,9 @@ def predict_submission(
 
     Args:
         checkpoints: the ensemble (``.safetensors`` files).
-        time_budget_s: seconds from the call; volumes that would not finish in it get empty masks.
+        time_budget_s: seconds from the call, kept as the work goes: a volume that would not
+            finish in it is not started, axes that would overrun are left out (``infer_volume``'s
+            ``deadline``), and a volume still running at the deadline gets empty masks.
         device: as ``usable_devices`` takes it (default: every working GPU, else the CPU).
         on_error: "raise", or "empty" to give a volume that fails empty masks and go on (the
             traceback is logged); when the layout itself cannot be read, every id of
