@@ -156,3 +156,17 @@ def test_build_dataset_sh_runs_the_builder(tmp_path, wheelhouse, checkpoint):
     result = subprocess.run([str(REPO / "build_dataset.sh"), "--checkpoints", str(tmp_path / "none")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: checkpoint") and "Traceback" not in result.stderr
+
+
+def test_a_wheel_that_cannot_be_fetched_stops_the_build(tmp_path, checkpoint, capsys):
+    pinned = tmp_path / "requirements-kaggle.txt"
+    pinned.write_text("timm==0.0.0\n")  # no such release: pip download fails
+    status = main(["--checkpoints", str(checkpoint), "--out", str(tmp_path / "bundle"), "--wheels", str(tmp_path / "w"),
+                   "--requirements", str(pinned)])
+    assert status == 2
+    assert "pip download of" in capsys.readouterr().err
+    assert not (tmp_path / "bundle").exists()
+    pinned.write_text("timm>=1.0\n")
+    assert main(["--checkpoints", str(checkpoint), "--requirements", str(pinned), "--no-download",
+                 "--out", str(tmp_path / "bundle")]) == 2
+    assert "is not pinned as name==version" in capsys.readouterr().err
