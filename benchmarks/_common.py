@@ -14,6 +14,7 @@ back to ``ru_maxrss`` minus the baseline, which can only overstate it, and the r
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -129,6 +130,13 @@ def _busy_cpu_seconds() -> float | None:
         return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def add_child_options(parser: argparse.ArgumentParser) -> None:
+    """``--json`` and the hidden ``--child``/``--child-out`` that ``run_child`` passes to a child."""
+    parser.add_argument("--json", help="also write the results as JSON to this path")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
 
 
 def run_child(script: str | Path, args: Sequence[str], timeout: float | None = None) -> dict:

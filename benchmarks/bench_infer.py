@@ -354,9 +354,7 @@ def main(argv=None) -> int:
                         help="run a child again (up to this many times) when other processes used the CPUs "
                              "during it; the least disturbed run is kept (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="synth seed (default %(default)s)")
-    parser.add_argument("--json", help="also write the results as JSON to this path")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    _common.add_child_options(parser)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--axes", default="xy", help=argparse.SUPPRESS)
     parser.add_argument("--tta", default="none", help=argparse.SUPPRESS)

@@ -198,9 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dir", help="where to write the synthetic stack (default: a new temp folder, deleted after)")
     parser.add_argument("--real", default=REAL_DEFAULT, help="real slices to check for equality (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="pixel-value seed (default %(default)s)")
-    parser.add_argument("--json", help="also write the results as JSON to this path")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    _common.add_child_options(parser)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

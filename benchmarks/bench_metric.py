@@ -259,9 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--truth", choices=("auto", "synth", "tubes"), default="auto",
                         help="truth masks: vessel_kit.synth if available (auto), required (synth), or "
                              "the built-in tube tree (tubes); default %(default)s")
-    parser.add_argument("--json", help="also write the results as JSON to this path")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    _common.add_child_options(parser)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
