@@ -255,6 +255,9 @@ class NaNModel(torch.nn.Module):
         (lambda v: infer_volume(v, ChannelMean(), in_chans=1, normalization=UNIT, threshold=1.5), ValueError, "threshold is a probability"),
         (lambda v: infer_volume(v, ChannelMean(), in_chans=1, normalization=UNIT, overlap=1.0), ValueError, "overlap must be in"),
         (lambda v: infer_volume(v, [], in_chans=1, normalization=UNIT), ValueError, "no models given"),
+        (lambda v: infer_volume(v, ChannelMean(), in_chans=1, normalization=UNIT, device="gpu"), ValueError, "'gpu' is not a device name"),
+        (lambda v: infer_volume(v, ChannelMean(), in_chans=1, normalization=UNIT, device=[]), ValueError, "device list is empty"),
+        (lambda v: infer_volume(v, ChannelMean(), in_chans=1, normalization=UNIT, device="cuda:99"), ValueError, "'cuda:99' cannot be used"),
         (lambda v: infer_volume(v, NaNModel(), in_chans=1, normalization=UNIT, progress=False), FloatingPointError, "non-finite logits on xy plane 0"),
     ],
 )

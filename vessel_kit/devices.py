@@ -56,7 +56,7 @@ def usable_devices(
                 raise ValueError(f"device {name!r} cannot be used: {problem}")
         devices.append(name)
     if not devices:
-        raise ValueError("no device given")
+        raise ValueError("device list is empty")
     return devices
 
 

@@ -179,9 +179,9 @@ def infer_volume(
     ensemble = models if isinstance(models, Ensemble) else load_ensemble(
         models, weights=model_weights, in_chans=in_chans, normalization=normalization, device=devices[0]
     )
-    _, axis_weights = _check_axes(axes, axis_weights)
+    axis_weights = _check_axes(axes, axis_weights)
     tile = tile_size if tile_size is not None else ensemble.tile_size
-    _check_options(tile, ensemble.stride, overlap, batch_size, threshold, top_fraction, tta)
+    _check_options(tile, ensemble.stride, overlap, batch_size, threshold, top_fraction, tta, min_plane_side)
     use_amp = amp is not False and all(d.type == "cuda" for d in devices)
     views = tta_views(tta, reverse_slices=reverse_slices and ensemble.in_chans > 1)
 
@@ -460,7 +460,8 @@ def _check_volume(volume: np.ndarray) -> None:
         raise ValueError(f"volume must hold intensities (integer or float), got dtype {volume.dtype}")
 
 
-def _check_axes(axes: Sequence[str], weights: Mapping[str, float] | None) -> tuple[list[str], dict[str, float]]:
+def _check_axes(axes: Sequence[str], weights: Mapping[str, float] | None) -> dict[str, float]:
+    """Each axis' weight, normalised to sum to 1, in the order of ``axes``."""
     axes = [axes] if isinstance(axes, str) else list(axes)
     if not axes or len(set(axes)) != len(axes) or not set(axes) <= set(AXES):
         raise ValueError(f"axes must be distinct names from {AXES}, got {axes}")
@@ -468,13 +469,11 @@ def _check_axes(axes: Sequence[str], weights: Mapping[str, float] | None) -> tup
     if set(weights) != set(axes) or min(weights.values()) < 0 or sum(weights.values()) <= 0:
         raise ValueError(f"axis_weights must give each of {axes} a non-negative weight, got {weights}")
     total = sum(weights.values())
-    return axes, {axis: w / total for axis, w in weights.items()}
+    return {axis: weights[axis] / total for axis in axes}
 
 
 def _drop_thin_axes(weights: dict[str, float], shape: tuple[int, ...], min_side: int) -> dict[str, float]:
     """The axes whose planes are at least ``min_side`` on both sides, weights summing to 1."""
-    if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1:
-        raise ValueError(f"min_plane_side must be a positive int, got {min_side!r}")
     plane_side = {axis: min(s for i, s in enumerate(shape) if i != SLICE_AXIS[axis]) for axis in weights}
     kept = {axis: w for axis, w in weights.items() if plane_side[axis] >= min_side}
     if not kept:
@@ -489,7 +488,7 @@ def _drop_thin_axes(weights: dict[str, float], shape: tuple[int, ...], min_side:
     return {axis: w / total for axis, w in kept.items()}
 
 
-def _check_options(tile, stride, overlap, batch_size, threshold, top_fraction, tta) -> None:
+def _check_options(tile, stride, overlap, batch_size, threshold, top_fraction, tta, min_plane_side) -> None:
     if tile is not None and (tile < stride or tile % stride):
         raise ValueError(f"tile_size must be a positive multiple of the models' stride {stride}, got {tile}")
     if not 0.0 <= overlap < 1.0:
@@ -502,6 +501,8 @@ def _check_options(tile, stride, overlap, batch_size, threshold, top_fraction, t
         raise ValueError(f"top_fraction must be in [0, 1], got {top_fraction}")
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    if isinstance(min_plane_side, bool) or not isinstance(min_plane_side, int) or min_plane_side < 1:
+        raise ValueError(f"min_plane_side must be a positive int, got {min_plane_side!r}")
 
 
 def _agree(what: str, values: list[tuple[object, str]], given: object, required: bool = True):
@@ -520,12 +521,10 @@ def _agree(what: str, values: list[tuple[object, str]], given: object, required:
 
 
 def _devices(device) -> list[torch.device]:
-    if device is None:
-        return [torch.device(name) for name in usable_devices()]
-    items = device if isinstance(device, (list, tuple)) else [device]
-    if not items:
-        raise ValueError("device list is empty")
-    return [torch.device(d) for d in items]
+    """The devices as ``usable_devices`` checks them (torch.device objects accepted too)."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    return [torch.device(name) for name in usable_devices(device)]
 
 
 def _replicas(ensemble: Ensemble, devices: list[torch.device]) -> list[tuple]:

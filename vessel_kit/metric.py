@@ -183,7 +183,7 @@ def score_submission(
     Raises ValueError when the submission misses solution ids or has an unparsable RLE (naming
     the id), or when the solution lacks a column.
     """
-    solution = _read_solution(solution_csv)
+    solution = read_solution(solution_csv)
     submission = read_submission(submission_csv)
     predicted = dict(zip(submission["id"], submission["rle"], strict=True))
     missing = [i for i in solution["id"] if i not in predicted]
@@ -273,7 +273,8 @@ def _check_pair(truth: np.ndarray, pred: np.ndarray, ndims: Iterable[int] = (3,)
         raise ValueError(f"masks are empty arrays (shape {truth.shape})")
 
 
-def _read_solution(path: str | os.PathLike) -> pd.DataFrame:
+def read_solution(path: str | os.PathLike) -> pd.DataFrame:
+    """A solution CSV (id, rle, width, height, image, slice), checked and sorted by volume and slice."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"solution file {path} does not exist")

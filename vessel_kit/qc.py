@@ -19,7 +19,7 @@ import pandas as pd
 
 from .atomic import atomic_output
 from .layout import find_volumes
-from .metric import surface_dice
+from .metric import read_solution, surface_dice
 from .resample import resample_volume
 from .rle import read_submission, rle_decode, slice_id
 
@@ -53,9 +53,10 @@ def qc_report(
     Returns each volume's threshold curve."""
     data_root, logits_dir = Path(data_root), Path(logits_dir)
     predicted = dict(read_submission(submission_csv)[["id", "rle"]].itertuples(index=False))
+    solution = read_solution(data_root / "solution.csv")
     rows = []
     for volume in find_volumes(data_root, "test"):
-        truth = read_solution_volume(data_root / "solution.csv", volume.name)
+        truth = _volume_truth(solution, volume.name, data_root / "solution.csv")
         logits_path = logits_dir / f"{volume.name}.npy"
         if not logits_path.is_file():
             raise FileNotFoundError(f"no logits for {volume.name} in {logits_dir}")
@@ -72,11 +73,7 @@ def qc_report(
 def read_solution_volume(solution_csv: str | os.PathLike, volume: str) -> np.ndarray:
     """The (Z, Y, X) bool truth of one volume from a solution CSV (id, rle, width, height, image,
     slice), in slice order."""
-    solution = pd.read_csv(solution_csv, dtype={"id": str, "rle": str}, keep_default_na=False)
-    rows = solution[solution["image"] == volume].sort_values("slice")
-    if rows.empty:
-        raise ValueError(f"{solution_csv} has no rows for volume {volume!r}")
-    return np.stack([rle_decode(rle, (h, w)) for rle, h, w in rows[["rle", "height", "width"]].itertuples(index=False)])
+    return _volume_truth(read_solution(solution_csv), volume, solution_csv)
 
 
 def threshold_curve(
@@ -120,6 +117,13 @@ def save_qc_figure(path: str | os.PathLike, volumes: Sequence[QCVolume]) -> Path
         figure.savefig(tmp, format="png", dpi=80)
     plt.close(figure)
     return path
+
+
+def _volume_truth(solution: pd.DataFrame, volume: str, where: str | os.PathLike) -> np.ndarray:
+    rows = solution[solution["image"] == volume]
+    if rows.empty:
+        raise ValueError(f"{where} has no rows for volume {volume!r}")
+    return np.stack([rle_decode(rle, (h, w)) for rle, h, w in rows[["rle", "height", "width"]].itertuples(index=False)])
 
 
 def _middle_cuts(shape: tuple[int, int, int]) -> list[tuple[str, tuple]]:
