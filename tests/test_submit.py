@@ -102,6 +102,8 @@ def test_an_unreadable_layout_falls_back_to_the_sample_ids(dataset, checkpoint, 
     assert set(rows(tmp_path / "b.csv").values()) == {"1 0"}
     with pytest.raises(ValueError, match="on_error must be one of"):
         submit.predict_submission(root, [checkpoint], tmp_path / "c.csv", on_error="ignore")
+    with pytest.raises(ValueError, match=r"sets accumulator_path \(use logits_dir=\), deadline \(use time_budget_s=\)"):
+        submit.predict_submission(root, [checkpoint], tmp_path / "c.csv", deadline=0.0, accumulator_path="x.npy")
 
 
 def test_logits_are_kept_and_the_qc_report_reads_them(dataset, checkpoint, tmp_path):

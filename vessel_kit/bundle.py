@@ -43,8 +43,6 @@ MANIFEST_FORMAT = 1
 KAGGLE_PYTHON = "3.11"  # taken to be Kaggle's current image; the pinned wheels also fit 3.10 and 3.12
 KAGGLE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 PLACEHOLDER_ID = "your-kaggle-username/vessel-kit"
-# infer_volume arguments that predict_submission sets itself, per volume or per run
-_NOT_OPTIONS = {"volume", "models", "voxel_size_um", "device", "out", "deadline", "return_logits", "accumulator_path"}
 
 
 @dataclass(frozen=True)
@@ -286,8 +284,9 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
 
 def _check_infer_options(options: Mapping[str, Any]) -> dict[str, Any]:
     from .infer import infer_volume
+    from .submit import RESERVED_OPTIONS
 
-    valid = set(inspect.signature(infer_volume).parameters) - _NOT_OPTIONS
+    valid = set(inspect.signature(infer_volume).parameters) - RESERVED_OPTIONS.keys()
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown inference options {unknown}; valid: {sorted(valid)}")

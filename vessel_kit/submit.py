@@ -32,9 +32,15 @@ from .rle import (
     validate_submission,
 )
 
-__all__ = ["ON_ERROR", "predict_submission", "write_empty_submission"]
+__all__ = ["ON_ERROR", "RESERVED_OPTIONS", "predict_submission", "write_empty_submission"]
 
 ON_ERROR = ("raise", "empty")
+# infer_volume arguments predict_submission sets itself (per volume, or from its own options)
+RESERVED_OPTIONS = {
+    "volume": "each volume's images", "models": "checkpoints", "voxel_size_um": "the layout's voxel size",
+    "device": "device=", "deadline": "time_budget_s=", "accumulator_path": "logits_dir=",
+    "return_logits": "logits_dir=", "out": "the submission file",
+}
 
 
 def predict_submission(
@@ -73,6 +79,9 @@ def predict_submission(
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    reserved = sorted(set(infer_options) & RESERVED_OPTIONS.keys())
+    if reserved:
+        raise ValueError("predict_submission sets " + ", ".join(f"{o} (use {RESERVED_OPTIONS[o]})" for o in reserved))
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     started = time.monotonic()
     deadline = None if time_budget_s is None else started + time_budget_s
