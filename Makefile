@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_metric.py
 	$(BIN)/python benchmarks/bench_io.py
 	$(BIN)/python benchmarks/bench_infer.py
+	$(BIN)/python benchmarks/bench_memory_format.py
 
 clean:
 	rm -rf $(VENV) demo_out build dist *.egg-info

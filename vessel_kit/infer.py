@@ -531,7 +531,8 @@ def _replicas(ensemble: Ensemble, devices: list[torch.device]) -> list[tuple]:
     """(models, weights, device, ensemble) per device; models are copied to devices after the first.
 
     Models run in channels_last memory format (in place for the first device): convolutions are
-    faster that way on the CPU (1.45x for a ResNet-18 U-Net here) and on tensor-core GPUs.
+    faster that way on the CPU (benchmarks/bench_memory_format.py: 1.46x for a ResNet-18 U-Net)
+    and on tensor-core GPUs.
     """
     replicas = []
     for index, device in enumerate(devices):
