@@ -181,5 +181,150 @@ def test_score_submission_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=f"id '{frame.loc[0, 'id']}': RLE has an odd number"):
         score_submission(solution, tmp_path / "bad.csv", progress=False)
     pd.read_csv(solution).drop(columns=["height"]).to_csv(tmp_path / "nosize.csv", index=False)
-    with pytest.raises(ValueError, match="solution lacks columns \\['height'\\]"):
+    with pytest.raises(ValueError, match="nosize.csv: header 'id,rle,width,image,slice' lacks height; expected the columns id,rle,width,height,image,slice"):
         score_submission(tmp_path / "nosize.csv", submission, progress=False)
+
+
+def _two_volume_files(tmp_path):
+    """Solution and submission CSVs of two small volumes (12 and 4 slices), and their frames."""
+    volumes = {
+        "kidney_5": (random_blobs((12, 16, 14), 20), random_blobs((12, 16, 14), 21)),
+        "kidney_6": (random_blobs((4, 10, 12), 22), random_blobs((4, 10, 12), 23)),
+    }
+    solution, submission = _solution_and_submission(tmp_path, volumes)
+    return (
+        solution,
+        submission,
+        pd.read_csv(solution, dtype=str, keep_default_na=False),
+        pd.read_csv(submission, dtype=str, keep_default_na=False),
+    )
+
+
+def _rewrite(frame, path):
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _drop_and_renumber(frame, row_id):
+    """Drop a row and number each volume's remaining slices 0, 1, 2, ... again."""
+    frame = frame[frame["id"] != row_id].copy()
+    frame["slice"] = frame.groupby("image")["slice"].transform(lambda s: s.astype(int).rank(method="first") - 1).astype(int)
+    return frame
+
+
+def _set(frame, row_id, column, value):
+    frame = frame.copy()
+    frame.loc[frame["id"] == row_id, column] = value
+    return frame
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        # A middle row missing, or repeated: slices 9 and 11 were scored as neighbours (exit 0).
+        (lambda f: f[f["id"] != "kidney_5_0010"], "volume 'kidney_5' lacks slice 10: its slice numbers jump from 9 "
+         "\\('kidney_5_0009'\\) to 11 \\('kidney_5_0011'\\)"),
+        (lambda f: pd.concat([f, f[f["id"] == "kidney_5_0010"]]), "volume 'kidney_5' has slice 10 twice"),
+        # The row dropped and the slices renumbered: the ids still tell.
+        (lambda f: _drop_and_renumber(f, "kidney_5_0010"),
+         "volume 'kidney_5': slice numbers do not follow the ids: 'kidney_5_0000' is slice 0 but 'kidney_5_0011' is slice 10"),
+        # Two slice numbers swapped: the volume would be scored in the wrong order.
+        (lambda f: _set(_set(f, "kidney_5_0003", "slice", "4"), "kidney_5_0004", "slice", "3"),
+         "volume 'kidney_5': slice numbers do not follow the ids: 'kidney_5_0000' is slice 0 but 'kidney_5_0004' is slice 3"),
+        (lambda f: _set(f, "kidney_6_0002", "image", "kidney_5"), "volume 'kidney_5' has slice 2 twice"),
+        (lambda f: _set(_set(f, "kidney_6_0002", "image", "kidney_5"), "kidney_6_0002", "slice", "12"),
+         "volume 'kidney_5': id 'kidney_6_0002' is not kidney_5_<stem>"),
+        (lambda f: _set(f, "kidney_6_0001", "width", "13"),
+         "volume 'kidney_6' mixes slice sizes \\(height x width\\): 'kidney_6_0000' is 10x12, 'kidney_6_0001' is 10x13"),
+    ],
+)
+def test_solution_slice_gaps_repeats_and_disorder_raise(tmp_path, edit, message):
+    solution, submission, solution_frame, _ = _two_volume_files(tmp_path)
+    broken = _rewrite(edit(solution_frame), tmp_path / "broken_solution.csv")
+    with pytest.raises(ValueError, match=f"solution file .*broken_solution.csv: {message}"):
+        score_submission(broken, submission, progress=False)
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("width", "12.5", "width '12.5' is not an integer >= 1"),  # int() would have truncated it
+        ("width", "0", "width '0' is not an integer >= 1"),
+        ("height", "-3", "height '-3' is not an integer >= 1"),
+        ("height", "", "height '' is not an integer >= 1"),
+        ("height", "\u0663", "height '\u0663' is not an integer >= 1"),
+        ("slice", "-1", "slice '-1' is not an integer >= 0"),
+        ("slice", "1e3", "slice '1e3' is not an integer >= 0"),
+        ("rle", "1 2 3", "RLE has an odd number of values"),
+        ("rle", "1 99999999999999999999999", "RLE value .* is too large"),
+        ("rle", "1 200", "RLE run ends at pixel 200, beyond the 10x12=120 pixels"),
+    ],
+)
+def test_solution_errors_name_the_solution_and_the_id(tmp_path, column, value, message):
+    solution, submission, solution_frame, _ = _two_volume_files(tmp_path)
+    solution_frame.loc[solution_frame["id"] == "kidney_6_0002", column] = value
+    broken = _rewrite(solution_frame, tmp_path / "broken_solution.csv")
+    with pytest.raises(ValueError, match=f"solution file .*broken_solution.csv: id 'kidney_6_0002': {message}"):
+        score_submission(broken, submission, progress=False)
+
+
+def test_solution_duplicated_ids_raise(tmp_path):
+    # Non-numbered stems say nothing about the slice order, so only the id check can see this.
+    rows = [("v_a", "1 0", 2, 2, "v", 0), ("v_a", "1 0", 2, 2, "v", 1)]
+    frame = pd.DataFrame(rows, columns=["id", "rle", "width", "height", "image", "slice"])
+    solution = _rewrite(frame, tmp_path / "solution.csv")
+    submission = _rewrite(frame[["id", "rle"]].iloc[:1], tmp_path / "submission.csv")
+    with pytest.raises(ValueError, match="solution file .*solution.csv: ids occur more than once, e.g. \\['v_a'\\]"):
+        score_submission(solution, submission, progress=False)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "solution file .*bad.csv is empty; expected the columns id,rle,width,height,image,slice"),
+        (b"id,rle,width,height,image,slice\n", "solution file .*bad.csv has no rows"),  # the mean was nan
+        (b"id,rle,width,height\nkidney_5_0000,1 0,2,2\n",
+         "solution file .*bad.csv: header 'id,rle,width,height' lacks image,slice; expected the columns id,rle,width,height,image,slice"),
+    ],
+)
+def test_unreadable_solution_names_the_file(tmp_path, content, message):
+    _, submission, _, _ = _two_volume_files(tmp_path)
+    (tmp_path / "bad.csv").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        score_submission(tmp_path / "bad.csv", submission, progress=False)
+
+
+def test_empty_submission_file_names_the_file(tmp_path):
+    solution, _, _, _ = _two_volume_files(tmp_path)
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(ValueError, match="submission file .*empty.csv is empty; expected the columns id,rle"):
+        score_submission(solution, tmp_path / "empty.csv", progress=False)
+
+
+def test_submission_duplicated_and_unknown_ids_raise(tmp_path):
+    solution, _, _, frame = _two_volume_files(tmp_path)
+    twice = pd.concat([frame, frame[frame["id"] == "kidney_6_0001"].assign(rle="1 1")])  # the last row won
+    with pytest.raises(ValueError, match="twice.csv: 1 ids occur more than once, e.g. \\['kidney_6_0001'\\]"):
+        score_submission(solution, _rewrite(twice, tmp_path / "twice.csv"), progress=False)
+    extra = pd.concat([frame, pd.DataFrame([("kidney_6_0004", "1 0"), ("kidney_5_12", "1 0")], columns=["id", "rle"])])
+    with pytest.raises(ValueError, match="extra.csv: 2 ids are not in the solution, e.g. \\['kidney_5_12', 'kidney_6_0004'\\]"):
+        score_submission(solution, _rewrite(extra, tmp_path / "extra.csv"), progress=False)
+
+
+def test_submission_missing_rows_or_volumes_raise(tmp_path):
+    solution, _, _, frame = _two_volume_files(tmp_path)
+    partial = frame[frame["id"] != "kidney_5_0010"]
+    with pytest.raises(ValueError, match="partial.csv: 1 solution ids are missing, e.g. \\['kidney_5_0010'\\]$"):
+        score_submission(solution, _rewrite(partial, tmp_path / "partial.csv"), progress=False)
+    one_volume = frame[frame["id"].str.startswith("kidney_5_")]
+    with pytest.raises(ValueError, match="one.csv: 4 solution ids are missing, .*; volumes without any row: \\['kidney_6'\\]"):
+        score_submission(solution, _rewrite(one_volume, tmp_path / "one.csv"), progress=False)
+
+
+def test_submission_volume_absent_from_the_solution_is_ignored_with_a_warning(tmp_path):
+    solution, submission, _, frame = _two_volume_files(tmp_path)
+    expected = score_submission(solution, submission, progress=False)
+    more = pd.concat([frame, pd.DataFrame([("kidney_9_0000", "1 3"), ("kidney_9_0001", "1 0")], columns=["id", "rle"])])
+    with pytest.warns(UserWarning, match="more.csv: volumes \\['kidney_9'\\] are not in the solution; their rows are ignored"):
+        scores = score_submission(solution, _rewrite(more, tmp_path / "more.csv"), progress=False)
+    assert scores == expected

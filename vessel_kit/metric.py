@@ -19,6 +19,7 @@ it against ``surface-distance``.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .rle import read_submission, rle_decode
+from .rle import duplicated_ids, is_ascii_int, read_submission, read_table, rle_decode, volume_of
 
 SOLUTION_COLUMNS = ("id", "rle", "width", "height", "image", "slice")
 
@@ -176,35 +177,142 @@ def score_submission(
 ) -> dict[str, float]:
     """Score a submission as Kaggle does: surface Dice per volume, then the mean over volumes.
 
-    The solution has columns id, rle, width, height, image (volume name), slice (index). Each row
-    of both files is decoded once, slice by slice, in slice order. Returns ``{volume: score, ...,
-    "mean": mean}``.
+    The solution has columns id, rle, width, height, image (volume name), slice (index); it is
+    checked by ``read_solution``. Each row of both files is decoded once, slice by slice, in slice
+    order. Returns ``{volume: score, ..., "mean": mean}``.
 
-    Raises ValueError when the submission misses solution ids or has an unparsable RLE (naming
-    the id), or when the solution lacks a column.
+    Rules for the submission (ValueError naming the file and a few ids, unless said otherwise):
+    every id of the solution must be there, also when a whole volume is missing (Kaggle refuses a
+    submission that lacks ids); no id may occur twice; an id ``<volume>_<stem>`` of a volume of the
+    solution must be one of the solution's ids; rows of volumes the solution does not have at all
+    are ignored, with a warning naming those volumes. An invalid RLE is an error naming its file
+    (the submission, or the solution) and the id.
     """
+    in_solution, in_submission = f"solution file {solution_csv}", f"submission file {submission_csv}"
     solution = read_solution(solution_csv)
-    submission = read_submission(submission_csv)
-    predicted = dict(zip(submission["id"], submission["rle"], strict=True))
-    missing = [i for i in solution["id"] if i not in predicted]
-    if missing:
-        raise ValueError(f"{submission_csv}: {len(missing)} solution ids are missing, e.g. {missing[:3]}")
+    predicted = _predictions(read_submission(submission_csv), solution, in_submission)
     scores: dict[str, float] = {}
     bar = tqdm(total=len(solution), desc="score", unit="slice", delay=2, disable=not progress)
     for volume, rows in solution.groupby("image", sort=False):
         accumulator = SurfaceDiceAccumulator()
         for row_id, truth_rle, height, width in rows[["id", "rle", "height", "width"]].itertuples(index=False):
-            truth = rle_decode(truth_rle, (height, width))
-            try:
-                pred = rle_decode(predicted[row_id], (height, width))
-            except ValueError as error:
-                raise ValueError(f"{submission_csv}: id {row_id!r}: {error}") from error
+            truth = _decode_row(truth_rle, (height, width), in_solution, row_id)
+            pred = _decode_row(predicted[row_id], (height, width), in_submission, row_id)
             accumulator.update(truth, pred)
             bar.update()
         scores[str(volume)] = accumulator.result()
     bar.close()
     scores["mean"] = float(np.mean(list(scores.values())))
     return scores
+
+
+def read_solution(path: str | os.PathLike) -> pd.DataFrame:
+    """A solution CSV (id, rle, width, height, image, slice), checked and sorted by volume and slice.
+
+    width, height and slice become ints. Rows may come in any order, but a ValueError naming the
+    file and the id or volume is raised for: no rows at all, a width or height that is not a positive integer, a
+    slice that is not a non-negative one (ASCII digits), an id twice, an id that is not
+    ``<image>_<stem>``, and within a volume: slice numbers with a gap or a repeat, slice numbers
+    that do not follow the ids' numeric stems (``int(stem) - slice`` must be the same on every row),
+    or more than one slice size.
+    """
+    solution = read_table(path, SOLUTION_COLUMNS, "solution")
+    if solution.empty:
+        raise ValueError(f"solution file {path} has no rows")
+    for column, smallest in (("width", 1), ("height", 1), ("slice", 0)):
+        solution[column] = _integer_column(solution, column, smallest, path)
+    solution = solution.sort_values(["image", "slice"], kind="stable")
+    for volume, rows in solution.groupby("image", sort=False):
+        _check_solution_volume(rows, str(volume), path)
+    duplicated = duplicated_ids(solution)
+    if duplicated:
+        raise ValueError(f"solution file {path}: ids occur more than once, e.g. {duplicated[:3]}")
+    return solution
+
+
+def _predictions(submission: pd.DataFrame, solution: pd.DataFrame, where: str) -> dict[str, str]:
+    """``{id: rle}`` of the submission's rows, checked against the solution's ids (see ``score_submission``)."""
+    duplicated = duplicated_ids(submission)
+    if duplicated:
+        raise ValueError(f"{where}: {len(duplicated)} ids occur more than once, e.g. {duplicated[:3]}")
+    predicted = dict(zip(submission["id"], submission["rle"], strict=True))
+    volumes = solution["image"].unique().tolist()
+    unknown = sorted(set(predicted) - set(solution["id"]))
+    extra = [row_id for row_id in unknown if volume_of(row_id, volumes) is not None]
+    if extra:
+        raise ValueError(f"{where}: {len(extra)} ids are not in the solution, e.g. {extra[:3]}")
+    has_row = solution["id"].isin(predicted.keys())
+    if not has_row.all():
+        missing = solution.loc[~has_row, "id"].tolist()
+        absent = sorted(set(volumes) - set(solution.loc[has_row, "image"]))
+        whole = f"; volumes without any row: {absent}" if absent else ""
+        raise ValueError(f"{where}: {len(missing)} solution ids are missing, e.g. {missing[:3]}{whole}")
+    if unknown:  # all of volumes the solution does not have
+        ignored = sorted({row_id.rsplit("_", 1)[0] for row_id in unknown})
+        warnings.warn(f"{where}: volumes {ignored} are not in the solution; their rows are ignored", stacklevel=3)
+    return predicted
+
+
+def _decode_row(rle: str, shape: tuple[int, int], where: str, row_id: str) -> np.ndarray:
+    """``rle_decode``, its ValueError naming ``where`` (the file) and the id of the row."""
+    try:
+        return rle_decode(rle, shape)
+    except ValueError as error:
+        raise ValueError(f"{where}: id {row_id!r}: {error}") from error
+
+
+def _integer_column(solution: pd.DataFrame, column: str, smallest: int, path: str | os.PathLike) -> pd.Series:
+    """A column of integer strings as int64; ValueError naming the first row that is not >= ``smallest``."""
+    text = solution[column]
+    values = text.where(text.map(is_ascii_int).astype(bool), "-1").astype(np.int64)
+    bad = values < smallest
+    if bad.any():
+        first = bad.idxmax()
+        raise ValueError(
+            f"solution file {path}: id {solution.at[first, 'id']!r}: {column} {text[first]!r} is not an "
+            f"integer >= {smallest}"
+        )
+    return values
+
+
+def _check_solution_volume(rows: pd.DataFrame, volume: str, path: str | os.PathLike) -> None:
+    """One volume's rows (sorted by slice): consecutive slices, ids that agree with them, one size."""
+    ids, slices = rows["id"].tolist(), rows["slice"].to_numpy()
+    where = f"solution file {path}: volume {volume!r}"
+    steps = np.diff(slices)
+    if (steps != 1).any():
+        k = int(np.argmax(steps != 1))
+        a, b = int(slices[k]), int(slices[k + 1])
+        if a == b:
+            raise ValueError(f"{where} has slice {a} twice (ids {ids[k]!r} and {ids[k + 1]!r})")
+        raise ValueError(f"{where} lacks slice {a + 1}: its slice numbers jump from {a} ({ids[k]!r}) to {b} ({ids[k + 1]!r})")
+    _check_ids_follow_slices(ids, slices, volume, where)
+    sizes = rows[["height", "width"]].to_numpy()
+    differs = (sizes != sizes[0]).any(axis=1)
+    if differs.any():
+        k = int(np.argmax(differs))
+        raise ValueError(
+            f"{where} mixes slice sizes (height x width): {ids[0]!r} is {sizes[0, 0]}x{sizes[0, 1]}, "
+            f"{ids[k]!r} is {sizes[k, 0]}x{sizes[k, 1]}"
+        )
+
+
+def _check_ids_follow_slices(ids: list[str], slices: np.ndarray, volume: str, where: str) -> None:
+    """Every id is ``<volume>_<stem>``; where all stems are numbers, ``stem - slice`` is constant."""
+    prefix = f"{volume}_"
+    wrong = next((row_id for row_id in ids if not row_id.startswith(prefix)), None)
+    if wrong is not None:
+        raise ValueError(f"{where}: id {wrong!r} is not {prefix}<stem>")
+    stems = [row_id[len(prefix):] for row_id in ids]
+    if not all(map(is_ascii_int, stems)):
+        return  # ids that are not numbered say nothing about the slice order
+    offsets = np.array(stems, dtype=np.int64) - slices
+    if (offsets != offsets[0]).any():
+        k = int(np.argmax(offsets != offsets[0]))
+        raise ValueError(
+            f"{where}: slice numbers do not follow the ids: {ids[0]!r} is slice {int(slices[0])} but "
+            f"{ids[k]!r} is slice {int(slices[k])}"
+        )
 
 
 def _slice_codes(truth_slice: np.ndarray, pred_slice: np.ndarray) -> np.ndarray:
@@ -271,15 +379,3 @@ def _check_pair(truth: np.ndarray, pred: np.ndarray, ndims: Iterable[int] = (3,)
         raise ValueError(f"truth and prediction shapes differ: {truth.shape} vs {pred.shape}")
     if truth.size == 0:
         raise ValueError(f"masks are empty arrays (shape {truth.shape})")
-
-
-def read_solution(path: str | os.PathLike) -> pd.DataFrame:
-    """A solution CSV (id, rle, width, height, image, slice), checked and sorted by volume and slice."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"solution file {path} does not exist")
-    solution = pd.read_csv(path, dtype={"id": str, "rle": str, "image": str}, keep_default_na=False)
-    missing = [c for c in SOLUTION_COLUMNS if c not in solution.columns]
-    if missing:
-        raise ValueError(f"{path}: solution lacks columns {missing}; needs {list(SOLUTION_COLUMNS)}")
-    return solution.sort_values(["image", "slice"], kind="stable")

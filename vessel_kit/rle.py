@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +23,9 @@ from .atomic import atomic_output
 
 EMPTY_RLE = "1 0"
 SUBMISSION_COLUMNS = ("id", "rle")
+# Integers in RLEs and CSVs have at most this many digits: below 10**18, so a start plus a length
+# never overflows int64.
+MAX_DIGITS = 18
 
 __all__ = [
     "EMPTY_RLE",
@@ -53,12 +57,14 @@ def rle_encode(mask: np.ndarray) -> str:
     return " ".join(edges.astype(str).tolist())
 
 
-def parse_rle(rle: str) -> tuple[np.ndarray, np.ndarray]:
+def parse_rle(rle: str, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Parse and check an RLE string; return (0-indexed starts, lengths) as int64 arrays.
 
     Raises ValueError for anything the scorer would misread: a non-string or empty value, tokens
-    that are not non-negative integers, an odd token count, starts below 1, zero-length runs (other
-    than the empty mask ``1 0``), and runs that overlap or are out of order.
+    that are not non-negative integers in ASCII digits (or have more than ``MAX_DIGITS`` digits),
+    an odd token count, starts below 1, zero-length runs (other than the empty mask ``1 0``), runs
+    that overlap or are out of order and, when the slice ``shape`` (height, width) is given, a run
+    that passes the end of the slice.
     """
     if not isinstance(rle, str):
         raise ValueError(f"RLE must be a string, got {type(rle).__name__} {rle!r}")
@@ -67,37 +73,28 @@ def parse_rle(rle: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"empty RLE string; an empty mask is written {EMPTY_RLE!r}")
     if len(tokens) % 2:
         raise ValueError(f"RLE has an odd number of values ({len(tokens)}): {_clip(rle)}")
-    if not all(token.isdigit() for token in tokens):
-        bad = next(token for token in tokens if not token.isdigit())
-        raise ValueError(f"RLE value {bad!r} is not a non-negative integer: {_clip(rle)}")
+    _check_tokens(tokens, rle)
     pairs = np.array(tokens, dtype=np.int64).reshape(-1, 2)
     starts, lengths = pairs[:, 0] - 1, pairs[:, 1]
     if pairs.shape[0] == 1 and lengths[0] == 0 and starts[0] == 0:
-        return starts[:0], lengths[:0]
-    if starts.min() < 0:
+        starts, lengths = starts[:0], lengths[:0]
+    elif starts.min() < 0:
         raise ValueError(f"RLE start 0 found; starts are 1-indexed: {_clip(rle)}")
-    if lengths.min() < 1:
+    elif lengths.min() < 1:
         raise ValueError(f"RLE has a zero-length run: {_clip(rle)}")
-    ends = starts + lengths
-    if np.any(starts[1:] < ends[:-1]):
+    elif np.any(starts[1:] < starts[:-1] + lengths[:-1]):
         raise ValueError(f"RLE runs overlap or are not in increasing order: {_clip(rle)}")
+    if shape is not None:
+        _check_fits(starts, lengths, shape)
     return starts, lengths
 
 
 def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     """Decode an RLE string into a bool mask of ``shape`` (height, width)."""
-    height, width = (int(v) for v in shape)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"rle_decode needs a positive (height, width), got {shape}")
-    starts, lengths = parse_rle(rle)
-    size = height * width
-    if starts.size and starts[-1] + lengths[-1] > size:
-        raise ValueError(
-            f"RLE run ends at pixel {int(starts[-1] + lengths[-1])}, beyond the "
-            f"{height}x{width}={size} pixels of the mask"
-        )
+    height, width = _slice_shape(shape, "a slice shape")
+    starts, lengths = parse_rle(rle, (height, width))
     # Mark run starts +1 and run ends -1, then a cumulative sum fills the runs.
-    marks = np.zeros(size + 1, dtype=np.int8)
+    marks = np.zeros(height * width + 1, dtype=np.int8)
     marks[starts] = 1
     marks[starts + lengths] -= 1  # ends are unique; a touching run's start and end cancel
     return np.cumsum(marks[:-1], dtype=np.int8).astype(np.bool_).reshape(height, width)
@@ -140,6 +137,8 @@ class SubmissionWriter:
             raise RuntimeError("SubmissionWriter must be used as a context manager")
         if row_id in self._ids:
             raise ValueError(f"duplicate submission id {row_id!r}")
+        if "\r" in row_id or "\n" in row_id:  # csv leaves a lone "\r" unquoted: it would split the row
+            raise ValueError(f"submission id {row_id!r} contains a line break")
         self._ids.add(row_id)
         self._writer.writerow((row_id, rle))
 
@@ -187,13 +186,16 @@ def validate_submission(
 ) -> None:
     """Check a submission against the sample submission; raise ValueError listing every problem.
 
-    Checks: header ``id,rle``; the same ids, each once; every RLE parses (and, where ``shapes``
-    maps a volume name to its (height, width), fits in the slice).
+    Checks: columns ``id`` and ``rle``; the same ids, each once; every RLE is well formed
+    (``parse_rle``: ASCII integers, positive starts and lengths, runs sorted and not overlapping).
+    The sample submission holds no slice sizes; where ``shapes`` maps a volume name to its
+    (height, width), the RLEs of that volume must also end within the slice, as ``score`` checks.
     """
     submission = read_submission(path)
-    expected = read_submission(sample_submission)
+    expected = read_table(sample_submission, SUBMISSION_COLUMNS, "sample submission")
+    sizes = {volume: _slice_shape(shape, f"shapes[{volume!r}]") for volume, shape in (shapes or {}).items()}
     problems = []
-    duplicated = submission["id"][submission["id"].duplicated()].tolist()
+    duplicated = duplicated_ids(submission)
     if duplicated:
         problems.append(f"{len(duplicated)} duplicated ids, e.g. {_examples(duplicated)}")
     missing = sorted(set(expected["id"]) - set(submission["id"]))
@@ -202,7 +204,7 @@ def validate_submission(
         problems.append(f"{len(missing)} ids of the sample submission are missing, e.g. {_examples(missing)}")
     if extra:
         problems.append(f"{len(extra)} ids are not in the sample submission, e.g. {_examples(extra)}")
-    bad_rles = list(_bad_rles(submission, shapes or {}))
+    bad_rles = list(_bad_rles(submission, sizes))
     if bad_rles:
         problems.append(f"{len(bad_rles)} invalid RLEs, e.g. " + "; ".join(bad_rles[:3]))
     if problems:
@@ -211,27 +213,96 @@ def validate_submission(
 
 def read_submission(path: str | os.PathLike) -> pd.DataFrame:
     """Read an ``id,rle`` CSV as strings (empty RLE cells stay empty strings, not NaN)."""
+    return read_table(path, SUBMISSION_COLUMNS, "submission")
+
+
+def read_table(path: str | os.PathLike, columns: Sequence[str], kind: str) -> pd.DataFrame:
+    """Read a CSV as strings; it must have (at least) ``columns``. Errors name the ``kind`` file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"submission file {path} does not exist")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if tuple(frame.columns[:2]) != SUBMISSION_COLUMNS:
-        raise ValueError(f"{path}: header must start with 'id,rle', got {','.join(frame.columns)}")
+        raise FileNotFoundError(f"{kind} file {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            # A row with one field too many is a ParserWarning (index_col=False keeps pandas from
+            # silently taking the first column for an index); make it an error.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{kind} file {path} is empty; expected the columns {','.join(columns)}") from None
+    except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError) as error:
+        raise ValueError(f"{kind} file {path} is not a readable CSV: {error}") from None
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{kind} file {path}: header {','.join(map(str, frame.columns))!r} lacks {','.join(missing)}; "
+            f"expected the columns {','.join(columns)}"
+        )
     return frame
 
 
+def duplicated_ids(frame: pd.DataFrame) -> list[str]:
+    """The ids that occur more than once in a table's ``id`` column, each named once."""
+    return frame["id"][frame["id"].duplicated()].unique().tolist()
+
+
+def volume_of(row_id: str, volumes: Collection[str]) -> str | None:
+    """The volume of ``volumes`` whose slices ``row_id`` names (``<volume>_<stem>``), or None.
+
+    The longest name wins, so ``kidney_1_dense_0001`` is not taken for a slice of ``kidney_1``.
+    """
+    matches = [volume for volume in volumes if row_id.startswith(f"{volume}_")]
+    return max(matches, key=len, default=None)
+
+
 def _bad_rles(submission: pd.DataFrame, shapes: Mapping[str, tuple[int, int]]) -> Iterator[str]:
-    # Longest names first, so "kidney_1_dense_0001" is not taken for a slice of "kidney_1".
-    by_length = sorted(shapes.items(), key=lambda item: -len(item[0]))
     for row_id, rle in zip(submission["id"], submission["rle"], strict=True):
-        shape = next((s for volume, s in by_length if row_id.startswith(f"{volume}_")), None)
+        volume = volume_of(row_id, shapes)
         try:
-            if shape is None:
-                parse_rle(rle)
-            else:
-                rle_decode(rle, shape)
+            parse_rle(rle, None if volume is None else shapes[volume])
         except ValueError as error:
             yield f"{row_id}: {error}"
+
+
+def is_ascii_int(text: str) -> bool:
+    """A non-negative integer in ASCII digits, at most ``MAX_DIGITS`` of them.
+
+    Python's ``int()`` and ``str.isdigit()`` also take other scripts' digits ('٣') and ``isdigit``
+    superscripts ('²'); the scorer's parser may not, so only ASCII digits count.
+    """
+    return text.isascii() and text.isdigit() and len(text) <= MAX_DIGITS
+
+
+def _check_tokens(tokens: list[str], rle: str) -> None:
+    """Every token ``is_ascii_int``; the common valid case costs a few C-level passes."""
+    joined = "".join(tokens)
+    if joined.isascii() and joined.isdigit() and max(map(len, tokens)) <= MAX_DIGITS:
+        return
+    bad = next(token for token in tokens if not is_ascii_int(token))
+    if bad.isascii() and bad.isdigit():
+        raise ValueError(f"RLE value {_clip(bad, 24)} is too large (over {MAX_DIGITS} digits): {_clip(rle)}")
+    raise ValueError(f"RLE value {_clip(bad, 24)} is not a non-negative integer in ASCII digits: {_clip(rle)}")
+
+
+def _check_fits(starts: np.ndarray, lengths: np.ndarray, shape: tuple[int, int]) -> None:
+    """No run passes the end of a slice of ``shape`` (runs are sorted: the last one ends last)."""
+    height, width = _slice_shape(shape, "a slice shape")
+    if starts.size and int(starts[-1] + lengths[-1]) > height * width:
+        raise ValueError(
+            f"RLE run ends at pixel {int(starts[-1] + lengths[-1])}, beyond the "
+            f"{height}x{width}={height * width} pixels of the mask"
+        )
+
+
+def _slice_shape(shape: tuple[int, int], name: str) -> tuple[int, int]:
+    """``shape`` as (height, width) Python ints; a ValueError naming ``name`` unless it is two
+    positive integers."""
+    if isinstance(shape, Sequence | np.ndarray) and len(shape) == 2 and all(map(_is_positive_int, shape)):
+        return int(shape[0]), int(shape[1])
+    raise ValueError(f"{name} must be two positive integers (height, width), got {shape!r}")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
 
 
 def _clip(text: str, limit: int = 60) -> str:
