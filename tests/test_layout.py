@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import tifffile
 
 from vessel_kit.layout import KNOWN_VOXEL_SIZES_UM, find_volumes
 from vessel_kit.volume import write_volume
@@ -74,8 +77,8 @@ def test_bad_layouts(tmp_path):
 
 def test_labels_that_do_not_match_images(tmp_path):
     _volume(tmp_path, "train", "kidney_2", depth=4, labels=False)
-    _volume(tmp_path, "train", "kidney_2", stems=["0000", "0001", "0002", "0009"], images=False)
-    with pytest.raises(ValueError, match="'kidney_2': labels don't match images.*unlabelled e.g. \\['0003'\\].*without image e.g. \\['0009'\\]"):
+    _volume(tmp_path, "train", "kidney_2", stems=["0001", "0002", "0003", "0004"], images=False)
+    with pytest.raises(ValueError, match="'kidney_2': labels don't match images.*unlabelled e.g. \\['0000'\\].*without image e.g. \\['0004'\\]"):
         find_volumes(tmp_path)
 
 
@@ -91,3 +94,54 @@ def test_labels_only_volume_without_images_anywhere(tmp_path):
     _volume(tmp_path, "train", "kidney_3_dense", images=False, first=5)
     with pytest.raises(ValueError, match="'kidney_3_dense' has labels but no images/ folder.*e.g. 0005.tif"):
         find_volumes(tmp_path)
+
+
+def test_rgb_image_slice_is_named(tmp_path):
+    images = tmp_path / "test" / "kidney_5" / "images"
+    images.mkdir(parents=True)
+    tifffile.imwrite(images / "0000.tif", np.zeros((6, 5, 3), np.uint8), photometric="rgb")
+    (volume,) = find_volumes(tmp_path, "test")
+    with pytest.raises(ValueError, match="0000.tif: expected a 2D grayscale slice, got shape \\(6, 5, 3\\)"):
+        volume.shape
+
+
+def test_unreadable_images_folder_is_named(tmp_path, monkeypatch):
+    _volume(tmp_path, "train", "kidney_2")
+    images = tmp_path / "train" / "kidney_2" / "images"
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == images:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(ValueError, match=f"cannot list slice folder {images}: Permission denied"):
+        find_volumes(tmp_path)
+
+
+def test_dangling_label_link_is_named(tmp_path):
+    _volume(tmp_path, "train", "kidney_2")
+    link = tmp_path / "train" / "kidney_2" / "labels" / "0004.tif"
+    link.symlink_to(tmp_path / "elsewhere" / "0004.tif")
+    with pytest.raises(ValueError, match=f"{link} is a dangling symbolic link"):
+        find_volumes(tmp_path)
+
+
+@pytest.mark.parametrize("entry", ["volume", "images"])
+def test_broken_volume_or_images_link_is_named(tmp_path, entry):
+    _volume(tmp_path, "test", "kidney_5", labels=False)
+    link = tmp_path / "test" / "kidney_6"
+    if entry == "images":
+        link.mkdir()
+        link = link / "images"
+    link.symlink_to(tmp_path / "unmounted")
+    with pytest.raises(ValueError, match=f"{link} is a dangling symbolic link"):
+        find_volumes(tmp_path, "test")
+
+
+def test_images_that_is_a_file(tmp_path):
+    (tmp_path / "test" / "kidney_5").mkdir(parents=True)
+    (tmp_path / "test" / "kidney_5" / "images").write_text("not a folder")
+    with pytest.raises(ValueError, match="kidney_5/images is a file; expected a folder of TIFF slices"):
+        find_volumes(tmp_path, "test")

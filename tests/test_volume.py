@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import struct
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
 
-from vessel_kit.volume import read_labels, read_volume, slice_files, slice_ids, write_volume
+from vessel_kit.volume import read_labels, read_slice_header, read_volume, slice_files, slice_ids, write_volume
+
+
+def _set_tags(path: Path, **values: int) -> None:
+    """Overwrite single-value SHORT/LONG tags of a little-endian TIFF's first page in place."""
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        for name, value in values.items():
+            tag = tags[name]
+            struct.pack_into("<I" if tag.dtype == 4 else "<H", data, tag.valueoffset, value)
+    path.write_bytes(bytes(data))
 
 
 def test_real_placeholder_equals_tifffile(real_data):
@@ -78,6 +94,11 @@ def test_missing_folder_and_no_tiffs(tmp_path):
         read_volume(tmp_path)
     with pytest.raises(FileNotFoundError, match="1 slice files do not exist"):
         read_volume([tmp_path / "0000.tif"])
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder, not a slice file"):
+        read_volume([tmp_path])
+    (tmp_path / "0000.tif").symlink_to(tmp_path / "0000.tif")
+    with pytest.raises(ValueError, match="0000.tif is a symbolic link loop"):
+        read_volume([tmp_path / "0000.tif"])
 
 
 def test_mixed_shapes_name_the_file(tmp_path):
@@ -112,8 +133,129 @@ def test_unreadable_and_truncated_files(tmp_path):
     (tmp_path / "0002.tif").unlink()
     data = (tmp_path / "0001.tif").read_bytes()
     (tmp_path / "0001.tif").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="0001.tif"):
+    with pytest.raises(ValueError, match="0001.tif: header places pixel data up to byte 8448, but the file has 4224 bytes"):
         read_volume(tmp_path, progress=False)
+
+
+def _header_only(path: Path) -> None:
+    path.write_bytes(b"II*\x00\x08\x00\x00\x00")  # a valid TIFF header and nothing after it
+
+
+def _garbage_after_header(path: Path) -> None:
+    tifffile.imwrite(path, np.ones((16, 16), np.uint16))
+    data = bytearray(path.read_bytes())
+    data[8:40] = np.random.default_rng(0).integers(0, 256, 32, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def _zlib_body_garbage(path: Path) -> None:
+    tifffile.imwrite(path, np.ones((16, 16), np.uint16), compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = b"\x00" * count
+    path.write_bytes(bytes(data))
+
+
+def _strip_past_the_end(path: Path) -> None:
+    tifffile.imwrite(path, np.ones((16, 16), np.uint16), compression="zlib")
+    _set_tags(path, StripOffsets=10**6)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "problem", "in_header"),
+    [
+        (_header_only, "the TIFF holds no image", True),
+        (_garbage_after_header, "cannot read TIFF", True),
+        (_zlib_body_garbage, "cannot read TIFF", False),
+        (_strip_past_the_end, "header places pixel data up to byte 1000", True),
+    ],
+)
+def test_corrupt_tiff_is_a_value_error_naming_the_file(tmp_path, corrupt, problem, in_header):
+    write_volume(np.ones((1, 16, 16), np.uint16), tmp_path)
+    path = tmp_path / "0001.tif"
+    corrupt(path)
+    with pytest.raises(ValueError, match=f"{path}.*{problem}|{problem}.*{path}"):
+        read_volume(tmp_path, progress=False)
+    if in_header:
+        with pytest.raises(ValueError, match=f"{path}.*{problem}|{problem}.*{path}"):
+            read_slice_header(path)
+
+
+def test_header_declaring_more_pixels_than_the_file_fails_before_allocating(tmp_path):
+    write_volume(np.ones((8, 64, 64), np.uint16), tmp_path)
+    _set_tags(tmp_path / "0000.tif", ImageWidth=10**6, ImageLength=10**6, RowsPerStrip=10**6)
+    # The old reader sized an 8 x 10^6 x 10^6 volume (14.6 TiB) from this header first.
+    with pytest.raises(ValueError, match="0000.tif: header declares a \\(1000000, 1000000\\) uint16 image .* strips hold 8192 bytes"):
+        read_volume(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("image", "options"),
+    [
+        (np.zeros((4, 4, 3), np.uint8), {"photometric": "rgb"}),
+        (np.zeros((3, 4, 4), np.uint16), {"photometric": "rgb", "planarconfig": "separate"}),
+        (np.zeros((4, 4, 2), np.uint16), {"photometric": "minisblack", "planarconfig": "contig", "extrasamples": [0]}),
+    ],
+)
+def test_multi_sample_slice_header(tmp_path, image, options):
+    tifffile.imwrite(tmp_path / "0000.tif", image, **options)
+    with pytest.raises(ValueError, match="0000.tif: expected a 2D grayscale slice, got shape"):
+        read_slice_header(tmp_path / "0000.tif")
+
+
+def test_several_images_in_one_slice_file(tmp_path):
+    for _ in range(2):
+        tifffile.imwrite(tmp_path / "0000.tif", np.zeros((4, 4), np.uint16), append=True)
+    with pytest.raises(ValueError, match="0000.tif: the TIFF holds 2 images; expected one 2D slice per file"):
+        read_volume(tmp_path, progress=False)
+
+
+def test_unreadable_folder_is_named(tmp_path, monkeypatch):
+    write_volume(np.zeros((2, 4, 4), np.uint16), tmp_path)
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == tmp_path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(ValueError, match=f"cannot list slice folder {tmp_path}: Permission denied"):
+        read_volume(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("make_link", "problem"),
+    [
+        (lambda link: link.symlink_to(link.parent / "gone.tif"), "is a dangling symbolic link \\(its target .*gone.tif does not exist"),
+        (lambda link: link.symlink_to(link), "is a symbolic link loop"),
+    ],
+)
+def test_broken_slice_link_is_named(tmp_path, make_link, problem):
+    write_volume(np.zeros((2, 4, 4), np.uint16), tmp_path)
+    make_link(tmp_path / "0002.tif")
+    with pytest.raises(ValueError, match=f"0002.tif {problem}"):
+        read_volume(tmp_path, progress=False)
+
+
+def test_two_files_of_one_slice(tmp_path):
+    write_volume(np.zeros((2, 4, 4), np.uint16), tmp_path)
+    os.link(tmp_path / "0001.tif", tmp_path / "0001.tiff")
+    with pytest.raises(ValueError, match=f"{tmp_path}: 0001.tif and 0001.tiff are both slice '0001'"):
+        slice_files(tmp_path)
+
+
+def test_numbering_gap_warns_with_the_missing_numbers(tmp_path):
+    write_volume(np.zeros((5, 4, 4), np.uint16), tmp_path, stems=["0000", "0001", "0003", "0007", "0008"])
+    with pytest.warns(UserWarning, match=f"{tmp_path}: slice numbers skip 0002, 0004-0006 \\(4 missing\\)"):
+        assert read_volume(tmp_path, progress=False).shape == (5, 4, 4)
+    write_volume(np.zeros((2, 4, 4), np.uint16), tmp_path / "no_gap", stems=["0496", "0497"])
+    write_volume(np.zeros((2, 4, 4), np.uint16), tmp_path / "not_numbers", stems=["a1", "a3"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slice_files(tmp_path / "no_gap")
+        slice_files(tmp_path / "not_numbers")
 
 
 def test_bad_selection_and_out(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .folders import list_folder, path_kind
 from .volume import read_labels, read_slice_header, read_volume, slice_files
 
 SPLITS = ("train", "test")
@@ -83,21 +84,23 @@ def find_volumes(
 
     Raises:
         ValueError: unknown split; a volume whose labels don't match its images (missing or extra
-            file names, or another slice shape); a labels-only volume whose images are nowhere.
+            file names, or another slice shape); a labels-only volume whose images are nowhere;
+            an unreadable folder; a volume, ``images`` or ``labels`` entry that is a broken
+            link, or an ``images``/``labels`` that is a file; the errors of ``slice_files``.
         FileNotFoundError: missing root or split folder, or a split with no volumes.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     split_dir = Path(root) / split
-    if not split_dir.is_dir():
+    if path_kind(split_dir) != "folder":
         raise FileNotFoundError(f"{split_dir} does not exist (expected the Kaggle layout <root>/{split}/<volume>/images)")
     sizes = {**KNOWN_VOXEL_SIZES_UM, **(voxel_sizes or {})}
-    folders = sorted(p for p in split_dir.iterdir() if p.is_dir())
-    image_folders = {p.name: p / "images" for p in folders if (p / "images").is_dir()}
+    folders = sorted(p for p in list_folder(split_dir, "split folder") if path_kind(p) == "folder")
+    image_folders = {p.name: images for p in folders if (images := _slice_folder(p / "images"))}
     volumes = []
     for folder in folders:
-        labels_dir = folder / "labels"
-        label_paths = tuple(slice_files(labels_dir)) if labels_dir.is_dir() else None
+        labels_dir = _slice_folder(folder / "labels")
+        label_paths = tuple(slice_files(labels_dir)) if labels_dir else None
         if folder.name in image_folders:
             image_paths = tuple(slice_files(image_folders[folder.name]))
             if label_paths is not None:
@@ -112,6 +115,14 @@ def find_volumes(
     if not volumes:
         raise FileNotFoundError(f"no volumes (folders with images/ or labels/) in {split_dir}")
     return volumes
+
+
+def _slice_folder(path: Path) -> Path | None:
+    """``path`` when it is a folder, None when nothing is there; ValueError for a file or a broken link."""
+    kind = path_kind(path)
+    if kind == "file":
+        raise ValueError(f"{path} is a file; expected a folder of TIFF slices")
+    return path if kind == "folder" else None
 
 
 def _borrow_images(

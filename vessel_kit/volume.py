@@ -4,14 +4,20 @@ The competition ships one uncompressed, single-strip, little-endian TIFF per sli
 ``read_volume`` reads the pixel bytes straight into the output array with ``os.preadv`` (no
 intermediate copy, no decoder), in parallel threads; any other TIFF goes through tifffile's
 decoder. ``benchmarks/bench_io.py`` measures it against a ``cv2.imread`` loop.
+
+Every slice's header is checked before its pixels are read (and the first slice's before the
+volume is allocated): one 2D grayscale image per file, and pixel data that lies inside the file.
+A corrupt or odd file is a ``ValueError`` naming it, never an exception from deep in tifffile.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +25,7 @@ import tifffile
 from tqdm.auto import tqdm
 
 from .atomic import atomic_output
+from .folders import list_folder, path_kind
 
 PathLike = str | os.PathLike
 SliceSource = PathLike | Sequence[PathLike]
@@ -38,14 +45,24 @@ __all__ = [
 
 
 def slice_files(images_dir: PathLike) -> list[Path]:
-    """The TIFF files of a slice folder, in natural order of their stems (``2`` before ``10``)."""
+    """The TIFF files of a slice folder, in natural order of their stems (``2`` before ``10``).
+
+    Sub-folders are not slices, even when named like one. Warns (``UserWarning``) when numeric
+    stems skip numbers: real scans may have gaps, but a missing file usually means a bad copy.
+
+    Raises:
+        FileNotFoundError: a missing folder, or one without TIFFs.
+        ValueError: an unreadable folder; a TIFF name that is a dangling link, a link loop or a
+            device; two files with the same stem (``0001.tif`` and ``0001.tiff``).
+    """
     folder = Path(images_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"slice folder {folder} does not exist")
-    files = [p for p in folder.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()]
+    names = [p for p in list_folder(folder, "slice folder") if p.suffix.lower() in TIFF_SUFFIXES]
+    files = sorted((p for p in names if path_kind(p) == "file"), key=lambda p: _natural_key(p.stem))
     if not files:
         raise FileNotFoundError(f"no .tif/.tiff files in {folder}")
-    return sorted(files, key=lambda p: _natural_key(p.stem))
+    _check_unique_stems(folder, files)
+    _warn_numbering_gaps(folder, [p.stem for p in files])
+    return files
 
 
 def slice_ids(images_dir: PathLike) -> list[str]:
@@ -54,13 +71,13 @@ def slice_ids(images_dir: PathLike) -> list[str]:
 
 
 def read_slice_header(path: PathLike) -> tuple[tuple[int, int], np.dtype]:
-    """(shape, dtype) of a single-slice TIFF, read from its header only."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            return tuple(page.shape), np.dtype(page.dtype)
-    except (OSError, ValueError, tifffile.TiffFileError) as error:
-        raise ValueError(f"cannot read TIFF {path}: {error}") from error
+    """(shape, dtype) of a single-slice TIFF, read from its header only.
+
+    Raises ValueError naming the file when it is not a readable TIFF, holds no image or several,
+    is not 2D grayscale, or declares pixel data beyond the end of the file.
+    """
+    with _open_slice(Path(path)) as (_, page):
+        return page.shape, np.dtype(page.dtype)
 
 
 def read_volume(
@@ -86,13 +103,12 @@ def read_volume(
 
     Raises:
         FileNotFoundError: missing folder, or no TIFFs in it.
-        ValueError: unreadable file, non-2D slice, mixed shapes or dtypes, wrong dtype, or an
-            ``out`` array of the wrong shape/dtype — each naming the file and the problem.
+        ValueError: unreadable or corrupt file, non-2D slice, a header declaring more pixel data
+            than its file holds, mixed shapes or dtypes, wrong dtype, or an ``out`` array of the
+            wrong shape/dtype — each naming the file and the problem.
     """
     files = _select(_resolve_files(source), slices)
     shape, file_dtype = read_slice_header(files[0])
-    if len(shape) != 2:
-        raise ValueError(f"{files[0]}: expected a 2D grayscale slice, got shape {shape}")
     if dtype is not None and file_dtype != np.dtype(dtype):
         raise ValueError(
             f"{files[0]}: slices are {file_dtype}, expected {np.dtype(dtype)} "
@@ -175,47 +191,108 @@ def write_volume(
 
 
 def _read_slice_into(path: Path, target: np.ndarray) -> None:
-    """Read one slice into ``target``, checking its shape and dtype against the volume's."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            if tuple(page.shape) != target.shape or np.dtype(page.dtype) != target.dtype:
-                raise ValueError(
-                    f"{path}: slice is {tuple(page.shape)} {page.dtype}, but the volume's slices "
-                    f"are {target.shape} {target.dtype} (mixed slice shapes or dtypes)"
-                )
-            offset, nbytes = _raw_extent(page)
-            if offset is None or not target.flags.c_contiguous:
+    """Read one slice into ``target``, checking its header and its shape and dtype against the volume's."""
+    with _open_slice(path) as (tif, page):
+        if page.shape != target.shape or np.dtype(page.dtype) != target.dtype:
+            raise ValueError(
+                f"{path}: slice is {page.shape} {page.dtype}, but the volume's slices "
+                f"are {target.shape} {target.dtype} (mixed slice shapes or dtypes)"
+            )
+        if _is_raw(page) and target.flags.c_contiguous:
+            _pread_into(path, tif, page.dataoffsets[0], target)
+        else:
+            with _naming_errors(path):
                 page.asarray(out=target)
-                return
-            if nbytes != target.nbytes:
-                raise ValueError(f"{path}: pixel data holds {nbytes} bytes, expected {target.nbytes}")
-            fd = tif.filehandle.fileno()
-            read = os.preadv(fd, [memoryview(target).cast("B")], offset)
-            if read != nbytes:
-                raise ValueError(f"{path}: file is truncated ({read} of {nbytes} pixel bytes)")
-    except (OSError, tifffile.TiffFileError) as error:
-        raise ValueError(f"cannot read TIFF {path}: {error}") from error
 
 
-def _raw_extent(page: tifffile.TiffPage) -> tuple[int | None, int]:
-    """(offset, size) of a page's pixel bytes when they can be copied verbatim, else (None, 0)."""
+@contextmanager
+def _open_slice(path: Path) -> Iterator[tuple[tifffile.TiffFile, tifffile.TiffPage]]:
+    """The open TIFF at ``path`` and its one page, after ``_check_page``."""
+    with _naming_errors(path):
+        tif = tifffile.TiffFile(path)
+    with tif:
+        with _naming_errors(path):
+            count = len(tif.pages)
+            page = tif.pages[0] if count else None
+        _check_page(path, page, count, tif.filehandle.size)
+        yield tif, page
+
+
+def _check_page(path: Path, page: tifffile.TiffPage | None, count: int, file_size: int) -> None:
+    """ValueError naming ``path`` unless it holds exactly one 2D grayscale image inside the file."""
+    if page is None:
+        raise ValueError(f"{path}: the TIFF holds no image")
+    if count > 1:
+        raise ValueError(f"{path}: the TIFF holds {count} images; expected one 2D slice per file")
+    separate_samples, depth, _, _, contig_samples = page.shaped
+    if separate_samples * depth * contig_samples != 1:
+        raise ValueError(f"{path}: expected a 2D grayscale slice, got shape {page.shape}")
+    if page.dtype is None:
+        raise ValueError(
+            f"{path}: unsupported pixel format ({page.bitspersample} bits, sample format {page.sampleformat})"
+        )
+    _check_pixel_extent(path, page, file_size)
+
+
+def _check_pixel_extent(path: Path, page: tifffile.TiffPage, file_size: int) -> None:
+    """ValueError naming ``path`` when its header places pixel data beyond the end of the file.
+
+    Checked from the header alone, before any buffer is sized from it: every strip (or tile) must
+    end inside the file, and uncompressed strips must hold the whole declared image. (Compressed
+    strips can decode to any size; their decoder reports a short stream.)
+    """
+    spans = [(offset, count) for offset, count in zip(page.dataoffsets, page.databytecounts) if count]
+    end = max((offset + count for offset, count in spans), default=0)
+    if end > file_size:
+        raise ValueError(
+            f"{path}: header places pixel data up to byte {end}, but the file has {file_size} bytes "
+            "(truncated or corrupt file)"
+        )
+    stored = sum(count for _, count in spans)
+    if page.compression == 1 and stored < page.nbytes:
+        raise ValueError(
+            f"{path}: header declares a {page.shape} {page.dtype} image ({page.nbytes} bytes), but its "
+            f"strips hold {stored} bytes (corrupt header)"
+        )
+
+
+@contextmanager
+def _naming_errors(path: Path) -> Iterator[None]:
+    """Re-raise what tifffile, a decoder or the OS raise while reading ``path`` as a ValueError naming it."""
+    try:
+        yield
+    except Exception as error:  # decoders raise anything: zlib.error, IndexError, ValueError, ...
+        raise ValueError(f"cannot read TIFF {path}: {error or type(error).__name__}") from error
+
+
+def _is_raw(page: tifffile.TiffPage) -> bool:
+    """Whether a page's pixel bytes can be copied verbatim: contiguous, uncompressed, native order."""
     dtype = np.dtype(page.dtype)
-    native = dtype.newbyteorder(page.parent.byteorder) == dtype
-    if not (page.is_final and native):
-        return None, 0
-    return page.dataoffsets[0], page.nbytes
+    return page.is_final and dtype.newbyteorder(page.parent.byteorder) == dtype
+
+
+def _pread_into(path: Path, tif: tifffile.TiffFile, offset: int, target: np.ndarray) -> None:
+    """Read ``target.nbytes`` bytes at ``offset`` straight into ``target`` (no intermediate copy)."""
+    with _naming_errors(path):
+        read = os.preadv(tif.filehandle.fileno(), [memoryview(target).cast("B")], offset)
+    if read != target.nbytes:  # the file shrank after its header was checked
+        raise ValueError(f"{path}: file is truncated ({read} of {target.nbytes} pixel bytes)")
 
 
 def _resolve_files(source: SliceSource) -> list[Path]:
+    """The slice files of a folder (``slice_files``) or of an explicit list, each checked to be a file."""
     if isinstance(source, (str, os.PathLike)):
         return slice_files(source)
     files = [Path(p) for p in source]
     if not files:
         raise ValueError("no slice files given")
-    missing = [p for p in files if not p.is_file()]
+    kinds = [path_kind(p) for p in files]  # a broken link is a ValueError naming it
+    missing = [p for p, kind in zip(files, kinds) if kind is None]
     if missing:
         raise FileNotFoundError(f"{len(missing)} slice files do not exist, e.g. {missing[0]}")
+    folders = [p for p, kind in zip(files, kinds) if kind == "folder"]
+    if folders:
+        raise ValueError(f"{folders[0]} is a folder, not a slice file")
     return files
 
 
@@ -236,4 +313,28 @@ def _select(files: list[Path], slices: SliceSelection) -> list[Path]:
 
 
 def _natural_key(stem: str) -> tuple:
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", stem))
+    return tuple(int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", stem))
+
+
+def _check_unique_stems(folder: Path, files: list[Path]) -> None:
+    """ValueError when two files share a stem (``0001.tif``, ``0001.tiff``): one id, two slices."""
+    by_stem: dict[str, Path] = {}
+    for path in files:
+        first = by_stem.setdefault(path.stem, path)
+        if first is not path:
+            raise ValueError(f"{folder}: {first.name} and {path.name} are both slice {path.stem!r}")
+
+
+def _warn_numbering_gaps(folder: Path, stems: list[str]) -> None:
+    """Warn, naming ``folder`` and the missing numbers, when all-numeric stems skip numbers."""
+    if not all(stem.isascii() and stem.isdigit() for stem in stems):
+        return
+    numbers = [int(stem) for stem in stems]
+    gaps = [(low + 1, high - 1) for low, high in zip(numbers, numbers[1:]) if high - low > 1]
+    if not gaps:
+        return
+    width = len(stems[0])
+    spans = [f"{a:0{width}d}" if a == b else f"{a:0{width}d}-{b:0{width}d}" for a, b in gaps]
+    missing = sum(b - a + 1 for a, b in gaps)
+    shown = ", ".join(spans[:10]) + (f", ... ({len(spans) - 10} more gaps)" if len(spans) > 10 else "")
+    warnings.warn(f"{folder}: slice numbers skip {shown} ({missing} missing)", stacklevel=3)
