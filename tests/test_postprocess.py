@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from vessel_kit.postprocess import remove_small_components
+from vessel_kit.postprocess import hysteresis_threshold, remove_small_components
 
 # 8-connected within a slice, face-connected across slices.
 STRUCTURE = np.zeros((3, 3, 3), bool)
@@ -48,3 +48,32 @@ def test_errors_and_trivial_sizes():
         remove_small_components(mask.astype(np.uint8), 3)
     with pytest.raises(ValueError, match="min_size must be >= 0"):
         remove_small_components(mask, -1)
+
+
+def hysteresis_reference(scores, high, low):
+    labels, _ = ndimage.label(scores > low, structure=STRUCTURE)
+    seeded = np.zeros(labels.max() + 1, bool)
+    seeded[labels[scores > high]] = True
+    seeded[0] = False
+    return seeded[labels]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hysteresis_matches_scipy(seed):
+    scores = np.random.default_rng(seed).random((10, 28, 24)).astype(np.float16)
+    expected = hysteresis_reference(scores, 0.97, 0.6)
+    assert 0 < expected.sum() < (scores > 0.6).sum()  # some low components have no seed
+    np.testing.assert_array_equal(hysteresis_threshold(scores, scores.shape, 0.97, 0.6), expected)
+    slices = hysteresis_threshold(lambda: iter(scores), scores.shape, 0.97, 0.6)  # streamed input
+    np.testing.assert_array_equal(slices, expected)
+
+
+def test_hysteresis_grows_through_slices_from_a_seed():
+    scores = np.zeros((6, 5, 5), np.float32)
+    scores[:, 2, 2] = 0.5  # a faint column through every slice...
+    scores[3, 2, 2] = 0.9  # ...with one sure voxel
+    scores[1, 0, 0] = 0.5  # a faint voxel with no seed
+    mask = hysteresis_threshold(scores, scores.shape, 0.8, 0.4)
+    assert mask[:, 2, 2].all() and mask.sum() == 6
+    with pytest.raises(ValueError, match="low < high"):
+        hysteresis_threshold(scores, scores.shape, 0.4, 0.8)

@@ -114,3 +114,15 @@ def test_validation_on_trained_images_is_refused(data_root, tmp_path):
 def test_unknown_volume_names_the_available_ones(data_root, tmp_path):
     with pytest.raises(ValueError, match="volumes \\['kidney_9'\\] are not in .*available: \\['kidney_1_dense'"):
         train(tiny_config(data_root, tmp_path / "x", train_volumes=["kidney_9"]))
+
+
+def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_path):
+    from vessel_kit.models import read_checkpoint_metadata
+
+    result = train(tiny_config(data_root, tmp_path / "run", epochs=1, val_voxel_sizes_um=[63.08]))
+    record = result.history[0]
+    coarse = record["val_surface_dice_kidney_3_dense@63.08um"]
+    assert record["val_surface_dice"] == pytest.approx((record["val_surface_dice_kidney_3_dense"] + coarse) / 2)
+    assert read_checkpoint_metadata(result.best_checkpoint)["threshold"] == record["val_threshold"]
+    with pytest.raises(ValueError, match="val_voxel_sizes_um must be positive"):
+        tiny_config(data_root, tmp_path / "bad", val_voxel_sizes_um=[0])

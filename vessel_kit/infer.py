@@ -26,23 +26,27 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import AXES, SLICE_AXIS
+from .axes import AXES, SLICE_AXIS
 from .devices import usable_devices
-from .models import load_checkpoint, model_stride
+from .infer_options import check_infer_options
+from .models import load_checkpoint, model_stride, read_checkpoint_metadata
 from .normalize import Normalization
-from .postprocess import remove_small_components
+from .postprocess import mask_output, hysteresis_threshold, remove_small_components
 from .resample import resample_volume, resampled_slices, scaled_shape
 from .tiling import gaussian_importance, plane_normaliser, window_starts
-from .tta import TTA_MODES, tta_views
+from .tta import tta_views
 
 ModelSource = torch.nn.Module | str | os.PathLike
 LOGIT_LIMIT = 1000.0  # plane logits are clipped to +-this before float16 accumulation (max 65504)
 RESCALE_TOLERANCE = 0.02  # voxel sizes within 2 % count as equal (kidney_5: 50.28 vs 50 µm)
+MAX_RESCALE = 8.0  # a volume is never resampled by more than this factor per side (a wrong voxel size)
+DEFAULT_THRESHOLD = 0.5  # for models that carry no calibrated threshold
 
 __all__ = ["DeadlineWarning", "Ensemble", "infer_volume", "load_ensemble"]
 
@@ -53,7 +57,8 @@ class DeadlineWarning(UserWarning):
 
 @dataclass
 class Ensemble:
-    """Models whose logits are averaged (with ``weights``), and how they must be fed."""
+    """Models whose logits are averaged (with ``weights``), how they must be fed, and the
+    probability threshold calibrated for them (None: not calibrated)."""
 
     models: list[torch.nn.Module]
     weights: list[float]
@@ -61,11 +66,23 @@ class Ensemble:
     normalization: Normalization
     tile_size: int | None
     voxel_size_um: float | None
+    threshold: float | None = None
 
     @property
     def stride(self) -> int:
         """Input sides must be multiples of this for every member (``models.model_stride``)."""
         return math.lcm(*(model_stride(model) for model in self.models))
+
+
+class _Member(NamedTuple):
+    """What one ensemble member says about how it is fed (None: it does not say)."""
+
+    source: str
+    in_chans: int | None
+    normalization: Normalization | None
+    tile_size: int | None
+    voxel_size_um: float | None
+    threshold: float | None
 
 
 def load_ensemble(
@@ -77,30 +94,43 @@ def load_ensemble(
     device: str | torch.device = "cpu",
 ) -> Ensemble:
     """Models from modules and/or checkpoint paths; checkpoints bring their in_chans,
-    normalisation, tile size and training voxel size. Members must agree on what they are fed."""
+    normalisation, tile size, training voxel size and calibrated threshold. Members must agree on
+    what they are fed. The ensemble's threshold is the weighted mean of its checkpoints'; a
+    checkpoint written before calibration counts as 0.5, with a warning."""
     items = list(models) if isinstance(models, (list, tuple)) else [models]
     if not items:
         raise ValueError("no models given")
     weights = [1.0] * len(items) if weights is None else [float(w) for w in weights]
     if len(weights) != len(items) or min(weights) < 0 or sum(weights) <= 0:
         raise ValueError(f"model weights must be {len(items)} non-negative numbers with a positive sum, got {weights}")
-    loaded, feeds = [], []
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    loaded, members = [], []
     for item in items:
         if isinstance(item, torch.nn.Module):
             loaded.append(item.to(device).eval())
-            feeds.append((in_chans, normalization, None, None, type(item).__name__))
+            members.append(_Member(type(item).__name__, in_chans, normalization, None, None, None))
         else:
             model, config = load_checkpoint(item, device=device)
+            threshold = read_checkpoint_metadata(item)["threshold"]
+            if threshold is None:
+                warnings.warn(f"{item} has no calibrated threshold (written before calibration); "
+                              f"it counts as {DEFAULT_THRESHOLD}", stacklevel=2)
+                threshold = DEFAULT_THRESHOLD
             loaded.append(model)
-            feeds.append((config.in_chans, config.normalization, config.tile_size, config.voxel_size_um, str(item)))
-    chans = _agree("in_chans", [(f[0], f[4]) for f in feeds], in_chans)
-    norm = _agree("normalization", [(f[1], f[4]) for f in feeds], normalization)
-    tiles = {f[2] for f in feeds} - {None}
-    voxels = _agree("training voxel size", [(f[3], f[4]) for f in feeds], None, required=False)
+            members.append(_Member(str(item), config.in_chans, config.normalization, config.tile_size,
+                                   config.voxel_size_um, threshold))
+    chans = _agree("in_chans", [(m.in_chans, m.source) for m in members], in_chans)
+    norm = _agree("normalization", [(m.normalization, m.source) for m in members], normalization)
+    tiles = {m.tile_size for m in members} - {None}
+    voxels = _agree("training voxel size", [(m.voxel_size_um, m.source) for m in members], None, required=False)
     if chans is None or norm is None:
         raise ValueError("in_chans and normalization are needed for models given as modules (checkpoints carry them)")
-    total = sum(weights)
-    return Ensemble(loaded, [w / total for w in weights], chans, norm, min(tiles) if tiles else None, voxels)
+    calibrated = [(w, m.threshold) for w, m in zip(weights, members, strict=True) if m.threshold is not None]
+    threshold = None
+    if calibrated:
+        threshold = sum(w * t for w, t in calibrated) / sum(w for w, _ in calibrated)
+    return Ensemble(loaded, weights, chans, norm, min(tiles) if tiles else None, voxels, threshold)
 
 
 def infer_volume(
@@ -121,7 +151,8 @@ def infer_volume(
     model_voxel_size_um: float | None = None,
     device: str | torch.device | Sequence[str | torch.device] | None = None,
     amp: bool | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
+    hysteresis: tuple[float, float] | None = None,
     top_fraction: float | None = None,
     min_component_size: int = 0,
     return_logits: bool = False,
@@ -152,8 +183,13 @@ def infer_volume(
             them (e.g. Kaggle's two T4s); default every CUDA device that works
             (``usable_devices``), else the CPU.
         amp: float16 autocast on CUDA devices (default on; never on the CPU).
-        threshold / top_fraction: the mask is probability > threshold, or (when given) the
-            ``top_fraction`` of voxels with the highest logits (exactly, ties included).
+        threshold: the mask is probability > threshold; default the ensemble's calibrated
+            threshold (``Ensemble.threshold``: the weighted mean of its checkpoints'), else 0.5.
+        hysteresis: (high, low) probabilities instead: voxels above ``high`` seed the mask,
+            which grows through 3D-connected voxels above ``low`` (vessels whose middle is sure
+            and whose thin or faint ends are not).
+        top_fraction: instead, the ``top_fraction`` of voxels with the highest logits
+            (exactly, ties included).
         min_component_size: then drop 3D connected components smaller than this many voxels
             (``postprocess.remove_small_components``).
         return_logits: return the float16 averaged logits instead of a mask.
@@ -173,6 +209,15 @@ def infer_volume(
         a (Z, Y, X) bool mask, or float16 logits with ``return_logits``.
     """
     _check_volume(volume)
+    check_infer_options({
+        "axes": axes, "axis_weights": axis_weights, "tta": tta, "reverse_slices": reverse_slices,
+        "tile_size": tile_size, "overlap": overlap, "batch_size": batch_size, "in_chans": in_chans,
+        "normalization": normalization, "model_weights": model_weights, "voxel_size_um": voxel_size_um,
+        "model_voxel_size_um": model_voxel_size_um, "amp": amp, "threshold": threshold,
+        "hysteresis": hysteresis, "top_fraction": top_fraction, "min_component_size": min_component_size,
+        "return_logits": return_logits, "accumulator_path": accumulator_path, "progress": progress,
+        "deadline": deadline, "min_plane_side": min_plane_side,
+    })
     devices = _devices(device)
     if isinstance(models, Ensemble) and (in_chans, normalization, model_weights) != (None, None, None):
         raise ValueError("in_chans, normalization and model_weights belong to the Ensemble; don't pass them with one")
@@ -181,13 +226,19 @@ def infer_volume(
     )
     axis_weights = _check_axes(axes, axis_weights)
     tile = tile_size if tile_size is not None else ensemble.tile_size
-    _check_options(tile, ensemble.stride, overlap, batch_size, threshold, top_fraction, tta, min_plane_side)
+    if tile is not None and tile % ensemble.stride:
+        raise ValueError(f"tile_size must be a positive multiple of the models' stride {ensemble.stride}, got {tile}")
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD if ensemble.threshold is None else ensemble.threshold
     use_amp = amp is not False and all(d.type == "cuda" for d in devices)
     views = tta_views(tta, reverse_slices=reverse_slices and ensemble.in_chans > 1)
 
     window = ensemble.normalization.window(volume)
     model_voxel = model_voxel_size_um or ensemble.voxel_size_um
     factor = voxel_size_um / model_voxel if voxel_size_um and model_voxel else 1.0
+    if not 1 / MAX_RESCALE <= factor <= MAX_RESCALE:
+        raise ValueError(f"voxel_size_um={voxel_size_um} is {factor:.3g} times the models' {model_voxel} µm: "
+                         f"more than the {MAX_RESCALE:g}x rescale allowed; check the voxel size")
     rescale = abs(factor - 1.0) > RESCALE_TOLERANCE
     source = resample_volume(volume, scaled_shape(volume.shape, factor)) if rescale else volume
     axis_weights = _drop_thin_axes(axis_weights, source.shape, min_plane_side)
@@ -220,7 +271,10 @@ def infer_volume(
         if accumulator.shape == volume.shape:
             return accumulator
         return resample_volume(accumulator, volume.shape, dtype=np.float16)
-    mask = _threshold(logit_slices, volume.shape, threshold, top_fraction, out)
+    if hysteresis is not None:
+        mask = hysteresis_threshold(logit_slices, volume.shape, *(_logit(p) for p in hysteresis), out=out)
+    else:
+        mask = _threshold(logit_slices, volume.shape, threshold, top_fraction, out)
     return remove_small_components(mask, min_component_size, out=mask) if min_component_size > 1 else mask
 
 
@@ -421,12 +475,9 @@ def _forward(models, weights, views, batch: torch.Tensor, use_amp: bool) -> np.n
 def _threshold(logit_slices, shape, threshold: float, top_fraction: float | None, out: np.ndarray | None) -> np.ndarray:
     """The final mask, slice by slice: logits above the threshold's logit, or the exact top
     fraction of voxels (from a histogram of the float16 bit patterns)."""
-    if out is None:
-        out = np.empty(shape, dtype=np.bool_)
-    elif out.shape != tuple(shape) or out.dtype != np.bool_:
-        raise ValueError(f"out must be a {tuple(shape)} bool array, got {out.shape} {out.dtype}")
+    out = mask_output(out, shape)
     if top_fraction is None:
-        cut = np.float16(math.log(threshold / (1 - threshold)))
+        cut = np.float16(_logit(threshold))
         for z, logits in enumerate(logit_slices()):
             np.greater(logits, cut, out=out[z])
         return out
@@ -486,23 +537,6 @@ def _drop_thin_axes(weights: dict[str, float], shape: tuple[int, ...], min_side:
     if total <= 0:
         raise ValueError(f"every axis with a positive weight has planes thinner than min_plane_side={min_side}")
     return {axis: w / total for axis, w in kept.items()}
-
-
-def _check_options(tile, stride, overlap, batch_size, threshold, top_fraction, tta, min_plane_side) -> None:
-    if tile is not None and (tile < stride or tile % stride):
-        raise ValueError(f"tile_size must be a positive multiple of the models' stride {stride}, got {tile}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold is a probability in (0, 1), got {threshold}")
-    if top_fraction is not None and not 0.0 <= top_fraction <= 1.0:
-        raise ValueError(f"top_fraction must be in [0, 1], got {top_fraction}")
-    if tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
-    if isinstance(min_plane_side, bool) or not isinstance(min_plane_side, int) or min_plane_side < 1:
-        raise ValueError(f"min_plane_side must be a positive int, got {min_plane_side!r}")
 
 
 def _agree(what: str, values: list[tuple[object, str]], given: object, required: bool = True):
@@ -568,6 +602,10 @@ def _pad_to(stack: np.ndarray, height: int, width: int) -> np.ndarray:
 def _check_finite(plane: np.ndarray, axis: str, index: int) -> None:
     if not np.isfinite(plane).all():
         raise FloatingPointError(f"non-finite logits on {axis} plane {index}: the model produced NaN or inf")
+
+
+def _logit(probability: float) -> float:
+    return math.log(probability / (1 - probability))
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -213,14 +213,22 @@ def save_checkpoint(
     *,
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    threshold: float | None = None,
 ) -> Path:
     """Write ``model``'s weights and ``config`` (plus JSON-serialisable ``metrics``/``extra``) to
-    one ``.safetensors`` file, atomically. Tied tensors are stored once."""
+    one ``.safetensors`` file, atomically. Tied tensors are stored once.
+
+    ``threshold`` is the probability cut calibrated on validation (``calibrate_threshold``):
+    inference uses it unless told another one.
+    """
     path = Path(path)
+    if threshold is not None and not 0.0 < float(threshold) < 1.0:
+        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold!r}")
     header = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "versions": _versions(),
         "config": config.to_dict(),
+        "threshold": None if threshold is None else float(threshold),
         "metrics": _json_round_trip(dict(metrics or {}), "metrics"),
         "extra": _json_round_trip(dict(extra or {}), "extra"),
     }
@@ -231,7 +239,9 @@ def save_checkpoint(
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's metadata without loading its tensors: ``config`` (a ``ModelConfig``),
-    ``metrics``, ``extra``, ``versions`` (of the writing packages) and ``format_version``."""
+    ``threshold`` (the calibrated probability cut; None in checkpoints written before
+    calibration), ``metrics``, ``extra``, ``versions`` (of the writing packages) and
+    ``format_version``."""
     path = _existing_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -249,6 +259,9 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
                 f"it was written by vessel_kit {header['versions'].get('vessel_kit')}"
             )
         header["config"] = ModelConfig.from_dict(header["config"])
+        header.setdefault("threshold", None)
+        if header["threshold"] is not None and not 0.0 < float(header["threshold"]) < 1.0:
+            raise ValueError(f"threshold {header['threshold']!r} is not a probability in (0, 1)")
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: bad vessel_kit checkpoint metadata: {err}") from None
     return header

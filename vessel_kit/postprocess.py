@@ -9,10 +9,16 @@ Memory: two slices of labels plus one entry per 2D component.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import cv2
 import numpy as np
 
-__all__ = ["remove_small_components"]
+# A (Z, Y, X) array of scores, or a function that yields its slices afresh on each call (e.g.
+# logits resampled on the fly): the functions below read the slices several times.
+Slices = np.ndarray | Callable[[], Iterable[np.ndarray]]
+
+__all__ = ["hysteresis_threshold", "remove_small_components"]
 
 
 def remove_small_components(mask: np.ndarray, min_size: int, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -25,10 +31,7 @@ def remove_small_components(mask: np.ndarray, min_size: int, *, out: np.ndarray 
         raise ValueError(f"mask must be a (Z, Y, X) bool array, got {mask.shape} {mask.dtype}")
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
-    if out is None:
-        out = np.empty_like(mask)
-    elif out.shape != mask.shape or out.dtype != np.bool_:
-        raise ValueError(f"out must be a {mask.shape} bool array, got {out.shape} {out.dtype}")
+    out = mask_output(out, mask.shape)
     if min_size <= 1:
         out[...] = mask
         return out
@@ -38,10 +41,53 @@ def remove_small_components(mask: np.ndarray, min_size: int, *, out: np.ndarray 
     keep = total[roots] >= min_size
     keep[0] = False  # background
     for z in range(mask.shape[0]):
-        _, labels = cv2.connectedComponents(mask[z].view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-        global_labels = np.where(labels > 0, labels + offsets[z], 0)
-        out[z] = keep[global_labels]
+        out[z] = keep[_global_labels(mask[z], offsets[z])]
     return out
+
+
+def hysteresis_threshold(
+    scores: Slices, shape: tuple[int, int, int], high: float, low: float, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The 3D components of ``scores > low`` that hold at least one voxel ``> high``.
+
+    Same connectivity as ``remove_small_components``; streamed the same way: ``scores`` (any
+    real dtype, e.g. float16 logits, with ``high``/``low`` in the same units) is read three
+    times, one slice at a time. Writes into ``out`` or a new (Z, Y, X) bool array.
+    """
+    if not low < high:
+        raise ValueError(f"hysteresis needs low < high, got low={low}, high={high}")
+    out = mask_output(out, shape)
+    for z, plane in enumerate(_slices(scores)):
+        np.greater(plane, low, out=out[z])
+    offsets, _, parents = _components(out)
+    roots = _find_all(parents)
+    seeded = np.zeros(len(parents), dtype=bool)
+    for z, plane in enumerate(_slices(scores)):
+        seeded[roots[_global_labels(out[z], offsets[z])[plane > high]]] = True
+    seeded[0] = False  # background
+    keep = seeded[roots]
+    for z in range(shape[0]):
+        out[z] = keep[_global_labels(out[z], offsets[z])]
+    return out
+
+
+def _slices(scores: Slices) -> Iterable[np.ndarray]:
+    return scores() if callable(scores) else scores
+
+
+def mask_output(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """``out`` checked to be a bool array of ``shape``, or a new one."""
+    if out is None:
+        return np.empty(tuple(shape), dtype=np.bool_)
+    if out.shape != tuple(shape) or out.dtype != np.bool_:
+        raise ValueError(f"out must be a {tuple(shape)} bool array, got {out.shape} {out.dtype}")
+    return out
+
+
+def _global_labels(plane: np.ndarray, offset: int) -> np.ndarray:
+    """A bool slice's 8-connected component labels, numbered as ``_components`` numbers them."""
+    _, labels = cv2.connectedComponents(plane.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    return np.where(labels > 0, labels + offset, 0)
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

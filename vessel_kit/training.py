@@ -1,7 +1,9 @@
 """The training loop: ``train(TrainConfig)``.
 
 AdamW + OneCycle, AMP on CUDA, gradient accumulation, gradient clipping, EMA weights, validation
-by the real surface Dice on held-out volumes, best-checkpoint saving, a JSON-lines metrics log
+by the real surface Dice on held-out volumes (also resampled to ``val_voxel_sizes_um``: a
+simulated private test) with the probability threshold calibrated on them and stored in the
+checkpoints (``validation.py``), best-checkpoint saving, a JSON-lines metrics log
 and a PNG of the curves. The state is saved after every epoch, so an interrupted run resumes
 where it stopped; crops depend only on (seed, epoch, index), so a resumed run is the run that
 was interrupted.
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,11 +31,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .atomic import atomic_output
+from .config_files import load_yaml_mapping
 from .data import CropConfig, CropDataset, TrainVolume, cache_volume, vessel_mask
-from .infer import infer_volume
+from .devices import usable_devices
 from .layout import VolumeInfo, find_volumes
 from .losses import build_loss
-from .metric import dice, surface_dice
 from .models import (
     ModelConfig,
     ModelEMA,
@@ -42,6 +45,7 @@ from .models import (
     save_training_state,
 )
 from .normalize import Normalization
+from .validation import validate, validation_cases
 
 __all__ = ["RECIPES", "TrainConfig", "TrainResult", "load_train_volumes", "train"]
 
@@ -95,6 +99,14 @@ class TrainConfig:
     foreground_fraction: float = 0.5
     crops_per_epoch: int = 2000
     augment: str = "hard"
+    # robustness (data.CropConfig): tilted planes, 3D zoom, low-resolution emulation, intensity
+    rotate_p: float = 0.0
+    rotate_max_deg: float = 30.0
+    zoom_p: float = 0.0
+    zoom_range: tuple[float, float] = (0.7, 1.15)
+    lowres_p: float = 0.0
+    intensity_p: float = 0.0
+    invert_p: float = 0.0
     # optimisation
     loss: str | dict | list = "5th_place"  # see losses.build_loss
     epochs: int = 20
@@ -109,7 +121,8 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available
     num_workers: int = 2
     seed: int = 0
-    val_threshold: float = 0.5
+    val_threshold: float | None = None  # None: calibrate on validation (stored in the checkpoint)
+    val_voxel_sizes_um: list[float] = field(default_factory=list)  # also validate resampled to these
     val_batch_size: int = 4
     resume: bool = True
     progress: bool = True
@@ -127,8 +140,11 @@ class TrainConfig:
                 f"crops_per_epoch ({self.crops_per_epoch}) must hold at least one optimiser step "
                 f"(batch_size x accumulate_steps = {self.batch_size * self.accumulate_steps})"
             )
-        if not 0.0 < self.val_threshold < 1.0:
-            raise ValueError(f"val_threshold is a probability in (0, 1), got {self.val_threshold}")
+        if self.val_threshold is not None and not 0.0 < self.val_threshold < 1.0:
+            raise ValueError(f"val_threshold is a probability in (0, 1) or null (calibrate), got {self.val_threshold}")
+        for size in self.val_voxel_sizes_um:
+            if not (isinstance(size, (int, float)) and not isinstance(size, bool) and 0 < size < math.inf):
+                raise ValueError(f"val_voxel_sizes_um must be positive voxel sizes in µm, got {self.val_voxel_sizes_um}")
         overlap = set(self.train_volumes) & set(self.val_volumes)
         if overlap:
             raise ValueError(f"volumes {sorted(overlap)} are in both train_volumes and val_volumes")
@@ -137,8 +153,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        return cls.from_dict(values)
+        return cls.from_dict(load_yaml_mapping(path, what="training config"))
 
     @classmethod
     def from_dict(cls, values: Mapping) -> TrainConfig:
@@ -159,11 +174,7 @@ class TrainConfig:
         return asdict(self)
 
     def crop_config(self) -> CropConfig:
-        return CropConfig(
-            crop_size=self.crop_size, in_chans=self.in_chans, axes=self.axes,
-            foreground_fraction=self.foreground_fraction, crops_per_epoch=self.crops_per_epoch,
-            augment=self.augment,
-        )
+        return CropConfig(**{f.name: getattr(self, f.name) for f in fields(CropConfig) if hasattr(self, f.name)})
 
 
 @dataclass
@@ -180,7 +191,7 @@ def train(config: TrainConfig) -> TrainResult:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_yaml(out_dir / "config.yaml", config.to_dict())
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(_training_device(config.device))
     use_amp = device.type == "cuda" if config.amp is None else config.amp and device.type == "cuda"
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -188,7 +199,9 @@ def train(config: TrainConfig) -> TrainResult:
     normalization = Normalization.from_dict(config.normalization)
     _check_no_shared_images(config)
     train_volumes = load_train_volumes(config, config.train_volumes)
+    _warn_if_unlabelled(train_volumes)
     val_volumes = load_train_volumes(config, config.val_volumes) if config.val_volumes else []
+    val_cases = validation_cases(val_volumes, config.val_voxel_sizes_um)
     dataset = CropDataset(train_volumes, config.crop_config(), normalization, seed=config.seed)
     loader = DataLoader(
         dataset, batch_size=config.batch_size, shuffle=False, drop_last=True,
@@ -224,16 +237,21 @@ def train(config: TrainConfig) -> TrainResult:
         train_stats = _train_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, config, device, use_amp, epoch)
         evaluated = ema.module if ema else model
         record = {"epoch": epoch, **train_stats, "lr": scheduler.get_last_lr()[0]}
-        if val_volumes:
-            record.update(_validate(evaluated, val_volumes, normalization, config, device))
+        if val_cases:
+            record.update(validate(
+                evaluated, val_cases, in_chans=config.in_chans, normalization=normalization,
+                model_voxel_size_um=model_config.voxel_size_um, device=device,
+                batch_size=config.val_batch_size, threshold=config.val_threshold,
+            ))
         record["seconds"] = round(time.perf_counter() - started, 2)
         history.append(record)
         score = record.get("val_surface_dice", -record["train_loss"])
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        save_checkpoint(out_dir / "last.safetensors", evaluated, model_config, metrics=metrics, extra=trained_on)
+        checkpoint = {"metrics": metrics, "extra": trained_on, "threshold": record.get("val_threshold")}
+        save_checkpoint(out_dir / "last.safetensors", evaluated, model_config, **checkpoint)
         if score > best["score"]:
             best = {"score": score, "epoch": epoch}
-            save_checkpoint(out_dir / "best.safetensors", evaluated, model_config, metrics=metrics, extra=trained_on)
+            save_checkpoint(out_dir / "best.safetensors", evaluated, model_config, **checkpoint)
         save_training_state(
             state_path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, epoch=epoch,
             extra={"scaler": scaler.state_dict(), "best": best, "history": history},
@@ -301,31 +319,25 @@ def _train_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, co
     return {key: value / batches for key, value in totals.items()}
 
 
-def _validate(model, volumes, normalization, config, device) -> dict:
-    """Surface Dice (tolerance 0) and Dice of whole-slice xy predictions, no TTA: cheap enough
-    for every epoch, and a lower bound of what infer_volume's axes and TTA reach."""
-    scores = {}
-    for volume in volumes:
-        prediction = infer_volume(
-            volume.images, model, axes=("xy",), tta="none", in_chans=config.in_chans,
-            normalization=normalization, batch_size=config.val_batch_size, device=device,
-            threshold=config.val_threshold, progress=False,
-        )
-        truth = vessel_mask(volume.target)
-        scores[f"val_surface_dice_{volume.name}"] = surface_dice(truth, prediction)
-        scores[f"val_dice_{volume.name}"] = dice(truth, prediction)
-    names = [v.name for v in volumes]
-    scores["val_surface_dice"] = float(np.mean([scores[f"val_surface_dice_{n}"] for n in names]))
-    scores["val_dice"] = float(np.mean([scores[f"val_dice_{n}"] for n in names]))
-    return scores
-
-
 def _resume(state_path, model, optimizer, scheduler, scaler, ema) -> tuple[int, dict, list]:
     state = load_training_state(state_path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
     extra = state["extra"]
     scaler.load_state_dict(extra["scaler"])
     tqdm.write(f"resuming from {state_path} after epoch {state['epoch']}")
     return state["epoch"] + 1, extra["best"], list(extra["history"])
+
+
+def _training_device(requested: str | None) -> str:
+    """The device to train on: the first that ``usable_devices`` accepts (a missing or broken
+    device is a ValueError naming it, before any data is read)."""
+    return usable_devices(requested)[0]
+
+
+def _warn_if_unlabelled(volumes: list[TrainVolume]) -> None:
+    """Warn about training volumes with no vessel voxel: the model would learn to predict nothing."""
+    empty = [v.name for v in volumes if not any(vessel_mask(plane).any() for plane in v.target)]
+    if empty:
+        warnings.warn(f"training volumes {empty} have no labelled vessel voxel; check their labels", stacklevel=3)
 
 
 def _volume_infos(root: str, names: list[str]) -> list[VolumeInfo]:
