@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from vessel_kit.data import CropConfig, CropDataset, TrainVolume, build_augmentation, cache_volume, extract_crop
+from vessel_kit.data import (
+    SLICE_AXIS,
+    CropConfig,
+    CropDataset,
+    TrainVolume,
+    build_augmentation,
+    cache_volume,
+    extract_crop,
+)
 from vessel_kit.layout import find_volumes
 from vessel_kit.normalize import Normalization
 from vessel_kit.synth import make_synthetic_dataset, make_synthetic_volume
@@ -152,6 +160,109 @@ def test_bad_configs_and_volumes():
         CropDataset([], CropConfig(), Normalization())
     with pytest.raises(ValueError, match="augmentation must be one of"):
         build_augmentation("wild")
+
+
+ROBUST = {"rotate_p": 1.0, "zoom_p": 1.0, "lowres_p": 1.0, "intensity_p": 1.0, "invert_p": 0.5}
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("rotate_p", -0.1), ("zoom_p", 1.5), ("lowres_p", 2.0), ("intensity_p", -1.0), ("invert_p", 1.01),
+        ("rotate_max_deg", -1.0), ("rotate_max_deg", 91.0),
+        ("zoom_range", (0.0, 1.0)), ("zoom_range", (1.2, 0.8)), ("zoom_range", (0.5,)),
+    ],
+)
+def test_robustness_options_are_validated(option, value):
+    with pytest.raises(ValueError, match=option):
+        CropConfig(**{option: value})
+
+
+def test_lowres_needs_a_zoom_range_below_one():
+    with pytest.raises(ValueError, match="lowres_p needs zoom_range to reach below 1"):
+        CropConfig(lowres_p=0.5, zoom_range=(1.0, 1.2))
+    assert CropConfig(zoom_range=[0.6, 0.9]).zoom_range == (0.6, 0.9)  # YAML lists become tuples
+
+
+def test_robustness_off_gives_todays_axis_crops(synthetic):
+    images, labels = synthetic
+    dataset = _dataset([TrainVolume("a", images, labels)], rotate_p=0.0, zoom_p=0.0, lowres_p=0.0)
+    for index in range(8):
+        # Replay the draws the dataset made before the options existed: volume, axis, centre.
+        rng = np.random.default_rng(np.random.SeedSequence([7, 0, index]).generate_state(1)[0])
+        rng.choice(1, p=[1.0])
+        axis = dataset._axes[rng.choice(len(dataset._axes), p=dataset._axis_p)]
+        centre = dataset._centre(rng, 0, SLICE_AXIS[axis])
+        crop, inside = extract_crop(images, axis, centre, 64, 3)
+        expected = np.where(inside, dataset.normalization.apply(crop, dataset.windows[0]), np.float32(0))
+        item = dataset[index]
+        np.testing.assert_array_equal(item["image"].numpy(), expected)
+        np.testing.assert_array_equal(item["target"][0].numpy(), extract_crop(labels, axis, centre, 64, 1)[0][0])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"rotate_p": 1.0, "rotate_max_deg": 45.0}, {"zoom_p": 1.0}, {"lowres_p": 1.0}, ROBUST],
+    ids=["rotate", "zoom", "lowres", "all"],
+)
+def test_resampled_crops_keep_image_and_target_aligned(options):
+    labels = make_synthetic_volume((48, 96, 96), seed=2)[1]
+    images = np.where(labels, 60000, 1000).astype(np.uint16)
+    options = {**options, "intensity_p": 0.0, "invert_p": 0.0}  # geometry only: intensity changes are tested apart
+    dataset = _dataset([TrainVolume("a", images, labels)], in_chans=3, foreground_fraction=1.0, **options)
+    items = [dataset[i] for i in range(12)]
+    valid = np.concatenate([item["valid"].numpy().ravel() for item in items]) > 0
+    image = np.concatenate([item["image"][1].numpy().ravel() for item in items])[valid]
+    target = np.concatenate([item["target"].numpy().ravel() for item in items])[valid]
+    assert 0.02 < target.mean() < 0.98
+    assert np.corrcoef(image, target)[0, 1] > 0.9
+
+
+def test_zoomed_channels_are_one_over_f_slices_apart():
+    images = (np.indices((64, 48, 48))[0] * 1000).astype(np.uint16)  # intensity encodes z
+    labels = np.zeros(images.shape, bool)
+    dataset = _dataset([TrainVolume("a", images, labels)], axes={"xy": 1.0}, zoom_p=1.0, zoom_range=(0.5, 0.5))
+    steps = [np.diff(dataset[i]["image"][:, 32, 32].numpy()) * 65535 / 1000 for i in range(12)]
+    # Channels 1/f = 2 slices apart, up to the ±5 % per-axis jitter (and edge clamping for a few).
+    assert np.median(steps) == pytest.approx(2.0, rel=0.06)
+
+
+def test_resampled_crops_mark_outside_and_ignored_pixels_invalid():
+    images = (np.indices((24, 48, 48))[2] * 1000 + 1000).astype(np.uint16)  # intensity encodes x + 1
+    labels = np.zeros(images.shape, bool)
+    trusted = np.indices(images.shape)[2] >= 20
+    dataset = _dataset([TrainVolume("a", images, labels, valid=trusted)], in_chans=1, rotate_p=1.0, rotate_max_deg=60.0)
+    for i in range(10):
+        item = dataset[i]
+        x = item["image"][0].numpy() * 65535 / 1000 - 1  # -1 outside the volume (image 0)
+        valid = item["valid"][0].numpy()
+        assert (valid[x < -0.5] == 0).all()  # outside the volume
+        assert (valid[(x > -0.5) & (x < 19.4)] == 0).all()  # ignored by the volume's valid mask
+        assert (valid[x > 20.6] == 1).all()
+    assert any((dataset[i]["image"] == 0).any() for i in range(10))  # the crops did leave the volume
+
+
+def test_intensity_augmentation_leaves_target_and_valid_alone(synthetic):
+    images, labels = synthetic
+    volume = TrainVolume("a", images, labels)
+    plain = _dataset([volume], rotate_p=0.5, zoom_p=0.5)
+    augmented = _dataset([volume], rotate_p=0.5, zoom_p=0.5, intensity_p=1.0, invert_p=0.5, in_chans=3)
+    changed = 0
+    for i in range(8):
+        a, b = plain[i], augmented[i]
+        assert torch.equal(a["target"], b["target"]) and torch.equal(a["valid"], b["valid"])
+        changed += not torch.equal(a["image"], b["image"])
+    assert changed >= 6  # the chain's steps each have their own chance, so a crop may pass unchanged
+
+
+def test_robust_items_are_deterministic_per_epoch(synthetic):
+    images, labels = synthetic
+    dataset = _dataset([TrainVolume("a", images, labels)], augment="hard", in_chans=5, **ROBUST)
+    first = dataset[3]
+    assert first["image"].shape == (5, 64, 64) and torch.isfinite(first["image"]).all()
+    assert all(torch.equal(first[key], dataset[3][key]) for key in first)
+    dataset.set_epoch(1)
+    assert not torch.equal(first["image"], dataset[3]["image"])
 
 
 def test_cache_volume_maps_once(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vessel_kit.data import SLICE_AXIS
+from vessel_kit.axes import SLICE_AXIS
 from vessel_kit.infer import infer_volume, load_ensemble
 from vessel_kit.models import ModelConfig, build_model, save_checkpoint
 from vessel_kit.normalize import Normalization
