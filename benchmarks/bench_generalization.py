@@ -1,0 +1,277 @@
+"""Leave-one-style-out generalisation: the trained model against classical baselines on a
+synthetic style family it never saw, at the training resolution and at kidney_6's.
+
+For each held-out family of ``vessel_kit.synth.STYLES`` (a fold), in one run:
+
+1. a Kaggle-layout dataset under ``--work`` (default a temporary folder): ``--train-volumes``
+   training volumes of the *other* families (cycling through them, so the styles mix) and one
+   validation volume of the next other family, all ``--shape`` at 50 µm, fully labelled;
+2. the ``synthetic_cpu`` recipe trained on it (``--epochs`` overrides the recipe's epochs);
+3. two held-out volumes of the held-out family, made in memory with one seed: at 50 µm and at
+   63.08 µm (kidney_6's voxel size; the same shape and seed, so vessels of the same radii in µm
+   appear 50/63.08 times as thick in voxels);
+4. the model's masks from ``infer_volume(volume, best checkpoint, voxel_size_um=...)`` with its
+   default threshold (the checkpoint's calibrated one, else 0.5); the 63.08 µm volume is
+   resampled to the model's 50 µm and back;
+5. both classical baselines (``vessel_kit.baselines``) fitted on the fold's training volumes only
+   and applied to the same held-out volumes;
+6. surface Dice (tolerance 0) of every mask.
+
+Goals per fold: model >= the better baseline + 0.2 at 50 and at 63.08 µm, and
+|model@63 - model@50| <= 0.05. Not a speed benchmark: every step runs in this process and its
+wall time is recorded (the machine's load shows in ``machine``).
+
+    python benchmarks/bench_generalization.py --json /tmp/generalization.json      # every family
+    python benchmarks/bench_generalization.py --families wall --epochs 1 --crops-per-epoch 32 \
+        --tta none --shape 32x96x96 --train-volumes 2                                 # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+import _common  # noqa: E402
+
+from vessel_kit.tta import TTA_MODES  # noqa: E402
+
+TRAIN_VOXEL_UM = 50.0
+TEST_VOXEL_UM = (50.0, 63.08)
+MARGIN_GOAL = 0.2
+RESOLUTION_GOAL = 0.05
+MEASURED_MODULES = ("vessel_kit.baselines", "vessel_kit.synth.geometry", "vessel_kit.synth.render",
+                    "vessel_kit.synth.styles", "vessel_kit.training", "vessel_kit.data", "vessel_kit.infer")
+HEADERS = ("held out", "model @50", "model @63", "threshold @50", "threshold @63", "Frangi @50", "Frangi @63",
+           "margin @50", "margin @63", "fold s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from vessel_kit.synth import STYLES
+
+    families = list(STYLES)
+    held_out = choose_folds(families, args.families, args.folds)
+    machine = _common.machine_info()
+    print(_common.describe_machine(machine))
+    with nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="bench_generalization_") as work:
+        folds = [run_fold(family, families, Path(work) / family, args) for family in held_out]
+    print(f"\nshape {'x'.join(map(str, args.shape))}, {args.train_volumes} training volumes per fold, seed {args.seed}, "
+          f"epochs {args.epochs or 'recipe'}, crops per epoch {args.crops_per_epoch or 'recipe'}, tta {args.tta}")
+    _common.print_table(HEADERS, [table_row(fold) for fold in folds])
+    print()
+    for fold in folds:
+        for line in goal_lines(fold):
+            print(line)
+    _common.write_json(args.json, {
+        "args": {**vars(args), "shape": list(args.shape)}, "families": families, "machine": machine,
+        "sources": _common.source_digests(*MEASURED_MODULES),
+        "goals": {"margin": MARGIN_GOAL, "resolution": RESOLUTION_GOAL}, "folds": folds,
+    })
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", help="held-out families, comma separated (default: every style)")
+    parser.add_argument("--folds", type=int, help="run at most this many folds")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
+    parser.add_argument("--crops-per-epoch", type=int, help="training crops per epoch (default: the recipe's)")
+    parser.add_argument("--tta", default="flips", choices=TTA_MODES, help="infer_volume's test-time augmentation")
+    parser.add_argument("--shape", type=lambda text: _common.parse_shape(text, 3), default=(64, 256, 256),
+                        help="every volume's shape Z x Y x X (default 64x256x256)")
+    parser.add_argument("--train-volumes", type=int, default=3, help="training volumes per fold (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the datasets and held-out volumes")
+    parser.add_argument("--work", help="keep datasets and runs in this folder (default: a temporary one)")
+    parser.add_argument("--json", help="also write the results as JSON to this path")
+    args = parser.parse_args(argv)
+    if args.folds is not None and args.folds < 1:
+        parser.error(f"--folds must be >= 1, got {args.folds}")
+    for option in ("epochs", "crops_per_epoch"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if args.train_volumes < 1:
+        parser.error(f"--train-volumes must be >= 1, got {args.train_volumes}")
+    return args
+
+
+def choose_folds(families: list[str], chosen: str | None, folds: int | None) -> list[str]:
+    """The held-out families: ``chosen`` (comma separated) or all, at most ``folds`` of them."""
+    if len(families) < 2:
+        raise ValueError(f"leave-one-style-out needs at least 2 styles, got {families}")
+    held_out = families if chosen is None else [name.strip() for name in chosen.split(",") if name.strip()]
+    if not held_out or any(name not in families for name in held_out):
+        raise ValueError(f"--families must name styles among {families}, got {chosen!r}")
+    return held_out[:folds]
+
+
+def fold_volumes(held_out: str, families: list[str], n_train: int) -> tuple[dict[str, str], dict[str, str]]:
+    """({training volume name: style}, {validation volume name: style}): the other families in
+    turn, the validation volume's family the one after the last training volume's."""
+    others = [family for family in families if family != held_out]
+    train = {f"train_{index}_{others[index % len(others)]}": others[index % len(others)] for index in range(n_train)}
+    val_style = others[n_train % len(others)]
+    return train, {f"val_{val_style}": val_style}
+
+
+def run_fold(held_out: str, families: list[str], folder: Path, args: argparse.Namespace) -> dict:
+    """One fold: dataset, training, held-out volumes, model and baseline scores, wall times."""
+    started = time.perf_counter()
+    train_styles, val_styles = fold_volumes(held_out, families, args.train_volumes)
+    print(f"\n== held out: {held_out}; training on {train_styles}, validating on {val_styles}", flush=True)
+    seconds = {}
+    with timed(seconds, "dataset"):
+        root = write_dataset(folder / "data", {**train_styles, **val_styles}, args.shape, args.seed)
+    with timed(seconds, "train"):
+        checkpoint, training = train_model(root, folder / "run", list(train_styles), list(val_styles), args)
+    with timed(seconds, "held_out_volumes"):
+        tests = held_out_volumes(held_out, args.shape, args.seed)
+    scores = {}
+    with timed(seconds, "model_predict"):
+        scores["model"] = score_model(checkpoint, tests, args.tta)
+    with timed(seconds, "baselines_load"):
+        images, labels = read_training_volumes(root, list(train_styles))
+    fitted = {}
+    for name, fit, predict in baseline_contenders():
+        with timed(seconds, f"{name}_fit"):
+            fitted[name] = fit(images, labels)
+        with timed(seconds, f"{name}_predict"):
+            scores[name] = {voxel: score(truth, predict(image, fitted[name], voxel))
+                            for voxel, (image, truth) in tests.items()}
+    seconds["fold"] = time.perf_counter() - started
+    result = {"held_out": held_out, "train_styles": train_styles, "val_styles": val_styles,
+              "scores": {name: {str(voxel): value for voxel, value in by_voxel.items()} for name, by_voxel in scores.items()},
+              "training": training, "baselines": {name: asdict(params) for name, params in fitted.items()},
+              "vessel_fraction": {str(voxel): float(truth.mean()) for voxel, (_, truth) in tests.items()},
+              "seconds": seconds}
+    result["goals"] = goals(result)
+    print(f"   scores {result['scores']}\n   seconds { {k: round(v, 1) for k, v in seconds.items()} }", flush=True)
+    return result
+
+
+@contextmanager
+def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall seconds of the block as ``seconds[name]``."""
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
+
+
+def write_dataset(root: Path, styles: dict[str, str], shape: tuple[int, int, int], seed: int) -> Path:
+    """A Kaggle-layout dataset of fully labelled training-split volumes (name: style) at 50 µm."""
+    from vessel_kit.synth import SyntheticVolumeSpec, make_synthetic_dataset
+
+    specs = [SyntheticVolumeSpec(name=name, split="train", shape=tuple(shape), labelled_fraction=1.0, style=style,
+                                 voxel_size_um=TRAIN_VOXEL_UM) for name, style in styles.items()]
+    return make_synthetic_dataset(root, seed=seed, volumes=specs, progress=False)
+
+
+def train_model(root: Path, out_dir: Path, train: list[str], val: list[str], args: argparse.Namespace) -> tuple[Path, dict]:
+    """Train the ``synthetic_cpu`` recipe (with ``--epochs`` and ``--crops-per-epoch`` when given);
+    (best checkpoint, what the run reports)."""
+    from vessel_kit.models import read_checkpoint_metadata
+    from vessel_kit.training import TrainConfig, train as run_training
+
+    options = {"recipe": "synthetic_cpu", "data_root": str(root), "out_dir": str(out_dir), "train_volumes": train,
+               "val_volumes": val, "volume_weights": {}, "progress": False}
+    options.update({option: getattr(args, option) for option in ("epochs", "crops_per_epoch")
+                    if getattr(args, option) is not None})
+    result = run_training(TrainConfig.from_dict(options))
+    metadata = read_checkpoint_metadata(result.best_checkpoint)
+    return result.best_checkpoint, {
+        "best_val_surface_dice": result.best_score, "best_epoch": result.best_epoch, "epochs": len(result.history),
+        "threshold": metadata["threshold"], "checkpoint_voxel_size_um": metadata["config"].voxel_size_um,
+        "epoch_seconds": [record.get("seconds") for record in result.history],
+    }
+
+
+def held_out_volumes(style: str, shape: tuple[int, int, int], seed: int) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+    """{voxel size: (image, labels)}: one seed of ``style`` at each test voxel size."""
+    from vessel_kit.synth import make_synthetic_volume
+
+    return {voxel: make_synthetic_volume(tuple(shape), seed, voxel, style=style) for voxel in TEST_VOXEL_UM}
+
+
+def score_model(checkpoint: Path, tests: dict[float, tuple[np.ndarray, np.ndarray]], tta: str) -> dict[float, float]:
+    """{voxel size: surface Dice} of the checkpoint's masks (3 axes, ``tta``), at its default
+    threshold."""
+    from vessel_kit.infer import infer_volume
+
+    return {voxel: score(truth, infer_volume(image, checkpoint, voxel_size_um=voxel, tta=tta,
+                                             model_voxel_size_um=TRAIN_VOXEL_UM, progress=False))
+            for voxel, (image, truth) in tests.items()}
+
+
+def read_training_volumes(root: Path, names: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(images, labels) of the named training volumes, as written to the dataset."""
+    from vessel_kit.layout import find_volumes
+
+    infos = {info.name: info for info in find_volumes(root, "train")}
+    return ([infos[name].read_images(progress=False) for name in names],
+            [infos[name].read_labels(progress=False) for name in names])
+
+
+def baseline_contenders() -> list[tuple]:
+    """(name, fit(images, labels), predict(volume, fitted, voxel size)) of each classical baseline;
+    the training volumes are all at ``TRAIN_VOXEL_UM``."""
+    from vessel_kit import baselines
+
+    return [
+        ("threshold", baselines.fit_threshold, lambda volume, fitted, _voxel: baselines.predict_threshold(volume, fitted)),
+        ("frangi", lambda images, labels: baselines.fit_frangi(images, labels, [TRAIN_VOXEL_UM] * len(images)),
+         baselines.predict_frangi),
+    ]
+
+
+def score(truth: np.ndarray, prediction: np.ndarray) -> float:
+    from vessel_kit.metric import surface_dice
+
+    return float(surface_dice(truth, prediction))
+
+
+def goals(fold: dict) -> dict:
+    """The margin of the model over the better baseline per voxel size, its change between the
+    voxel sizes, and whether each goal is met."""
+    scores = fold["scores"]
+    margins = {voxel: scores["model"][voxel] - max(scores["threshold"][voxel], scores["frangi"][voxel])
+               for voxel in scores["model"]}
+    low, high = (str(voxel) for voxel in TEST_VOXEL_UM)
+    change = scores["model"][high] - scores["model"][low]
+    return {"margin": margins, "margin_met": all(m >= MARGIN_GOAL for m in margins.values()),
+            "resolution_change": change, "resolution_met": abs(change) <= RESOLUTION_GOAL}
+
+
+def table_row(fold: dict) -> list:
+    """Scores and margins as 3-decimal strings (margins signed), and the fold's wall time."""
+    low, high = (str(voxel) for voxel in TEST_VOXEL_UM)
+    scores, margins = fold["scores"], fold["goals"]["margin"]
+    return [fold["held_out"], *(f"{scores[name][voxel]:.3f}" for name in ("model", "threshold", "frangi")
+                                for voxel in (low, high)),
+            f"{margins[low]:+.3f}", f"{margins[high]:+.3f}", round(fold["seconds"]["fold"], 1)]
+
+
+def goal_lines(fold: dict) -> list[str]:
+    verdict = {True: "met", False: "MISSED"}
+    found = fold["goals"]
+    margins = ", ".join(f"{margin:+.3f} @{voxel}" for voxel, margin in found["margin"].items())
+    return [
+        f"{fold['held_out']}: model >= better baseline + {MARGIN_GOAL} at 50 and 63.08 µm: "
+        f"{verdict[found['margin_met']]} ({margins})",
+        f"{fold['held_out']}: |model@63 - model@50| <= {RESOLUTION_GOAL}: "
+        f"{verdict[found['resolution_met']]} ({found['resolution_change']:+.3f})",
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
