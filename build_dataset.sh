@@ -5,8 +5,11 @@
 #   ./build_dataset.sh [--checkpoints FILE|RUN_DIR ...] [--out DIR] [--kaggle-id USER/SLUG] [--upload]
 #                      [--infer-config infer.yaml] [--no-download] [--python-version 3.11]
 #
-# Defaults: every runs/*/best.safetensors, out dist/kaggle-dataset. Everything is checked (each
-# checkpoint rebuilt, every wheel found) before the folder is written and before any upload.
+# Defaults: every runs/*/best.safetensors, out dist/kaggle-dataset. Everything is checked (every
+# inference option's name and value, each checkpoint rebuilt, every wheel found) before the folder
+# is written and before any upload. The new bundle is staged beside the out folder
+# (.<out>.vk-<pid>-<hex>.tmp) and swapped in whole: Ctrl-C or a failure leaves the previous bundle
+# as it was; a killed build's staging folder is removed by a later build.
 # ./build_dataset.sh --help lists every option (vessel_kit/bundle.py does the work).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -3,6 +3,7 @@ must stop the build (or the upload) before anything is written or sent."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vessel_kit import atomic, bundle as bundle_module
 from vessel_kit.bundle import MANIFEST_NAME, collect_checkpoints, main, read_bundle
 from vessel_kit.models import ModelConfig, build_model, save_checkpoint
 
@@ -109,6 +111,101 @@ def test_failures_stop_before_anything_is_written(tmp_path, wheelhouse, checkpoi
     assert not (tmp_path / "bundle" / MANIFEST_NAME).exists()
 
 
+@pytest.mark.parametrize("option, text", [
+    ("tta", "tta: rot90\n"),
+    ("threshold", "threshold: 2\n"),
+    ("overlap", "overlap: 1.5\n"),
+    ("axes", "axes: [xy, zz]\n"),
+    ("top_fraction", "top_fraction: 0.1\nhysteresis: [0.6, 0.4]\n"),
+    ("device", "device: cpu\n"),  # predict_submission's own option
+])
+def test_bad_option_values_stop_the_build_before_anything_is_written(tmp_path, wheelhouse, checkpoint, capsys,
+                                                                      option, text):
+    """The values are checked by infer_volume's validator: on Kaggle (on_error="empty") a bad one
+    would turn every mask empty."""
+    (tmp_path / "infer.yaml").write_text(text)
+    out = tmp_path / "dist" / "bundle"
+    assert main(["--no-download", "--wheels", str(wheelhouse), "--out", str(out), "--checkpoints", str(checkpoint),
+                 "--infer-config", str(tmp_path / "infer.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and option in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["infer.yaml"]
+
+
+@pytest.fixture
+def quick_wheel(monkeypatch):
+    """A stand-in for the vessel_kit wheel (pip wheel takes ~10 s): for tests of the folder swap."""
+
+    def build_own_wheel(source_dir, dest: Path) -> Path:
+        wheel = dest / "vessel_kit-0.0.0-py3-none-any.whl"
+        wheel.write_bytes(b"stand-in")
+        return wheel
+
+    monkeypatch.setattr(bundle_module, "_build_own_wheel", build_own_wheel)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path, wheelhouse, checkpoint, capsys):
+    infer = tmp_path / "infer.yaml"
+    infer.write_text("threshold: 0.4\n  tta: d4\n")
+    assert build(tmp_path, wheelhouse, "--checkpoints", str(checkpoint), "--infer-config", str(infer)) == 2
+    assert capsys.readouterr().err == f"error: {infer}:2:6: mapping values are not allowed here\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["infer.yaml"]
+
+
+def make_bundle(tmp_path, wheelhouse, checkpoint) -> dict:
+    assert build(tmp_path, wheelhouse, "--checkpoints", str(checkpoint.parent)) == 0
+    return read_bundle(tmp_path / "bundle").manifest
+
+
+def test_a_failed_swap_keeps_the_previous_bundle(tmp_path, wheelhouse, checkpoint, capsys, monkeypatch, quick_wheel):
+    before = make_bundle(tmp_path, wheelhouse, checkpoint)
+
+    def failing_exchange(a, b):
+        raise OSError(errno.EIO, "injected failure", str(b))
+
+    monkeypatch.setattr(atomic, "_exchange", failing_exchange)
+    assert build(tmp_path, wheelhouse, "--checkpoints", str(checkpoint)) == 2
+    assert "could not move the new bundle" in capsys.readouterr().err
+    assert read_bundle(tmp_path / "bundle").manifest == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # the staging folder is gone
+
+
+def test_without_the_swap_a_failed_rename_restores_the_previous_bundle(tmp_path, wheelhouse, checkpoint, capsys,
+                                                                        monkeypatch, quick_wheel):
+    before = make_bundle(tmp_path, wheelhouse, checkpoint)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
+    real_rename, calls = os.rename, []
+
+    def failing_second_rename(source, destination):
+        calls.append(source)
+        if len(calls) == 2:  # the new bundle moving in, after the old one moved aside
+            raise OSError(errno.EIO, "injected failure", str(destination))
+        real_rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", failing_second_rename)
+    assert build(tmp_path, wheelhouse, "--checkpoints", str(checkpoint)) == 2
+    assert "is left as it was" in capsys.readouterr().err
+    assert read_bundle(tmp_path / "bundle").manifest == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_an_interrupted_build_leaves_the_previous_bundle(tmp_path, wheelhouse, checkpoint, capsys, monkeypatch,
+                                                         quick_wheel):
+    before = make_bundle(tmp_path, wheelhouse, checkpoint)
+    real_copy = shutil.copyfile
+
+    def interrupted_copy(source, destination):
+        if Path(source) == checkpoint:  # the checkpoint copy, half way through the staging folder
+            raise KeyboardInterrupt
+        return real_copy(source, destination)
+
+    monkeypatch.setattr(bundle_module.shutil, "copyfile", interrupted_copy)
+    assert build(tmp_path, wheelhouse, "--checkpoints", str(checkpoint)) == 130
+    assert capsys.readouterr().err.splitlines()[-1].startswith("interrupted")
+    assert read_bundle(tmp_path / "bundle").manifest == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
 def test_collect_checkpoints_names(tmp_path, checkpoint):
     runs = tmp_path / "runs"
     for fold in ("a", "b"):
@@ -156,6 +253,14 @@ def test_build_dataset_sh_runs_the_builder(tmp_path, wheelhouse, checkpoint):
     result = subprocess.run([str(REPO / "build_dataset.sh"), "--checkpoints", str(tmp_path / "none")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: checkpoint") and "Traceback" not in result.stderr
+    (tmp_path / "infer.yaml").write_text("tta: rot90\n")
+    result = subprocess.run(
+        [str(REPO / "build_dataset.sh"), "--no-download", "--wheels", str(wheelhouse), "--checkpoints", str(checkpoint),
+         "--out", str(tmp_path / "second"), "--infer-config", str(tmp_path / "infer.yaml")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and result.stderr.startswith("error: inference option tta='rot90'")
+    assert not (tmp_path / "second").exists()
 
 
 def test_a_wheel_that_cannot_be_fetched_stops_the_build(tmp_path, checkpoint, capsys):

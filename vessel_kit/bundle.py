@@ -1,8 +1,9 @@
 """The offline Kaggle dataset (the "bundle"): wheels, checkpoints and a manifest, built and read.
 
-``build_dataset.sh`` runs ``main``: it checks that every checkpoint rebuilds (``load_checkpoint``),
-downloads the pinned dependency wheels (``wheels/requirements-kaggle.txt``) for Kaggle's Python,
-builds the vessel_kit wheel from the checkout, and writes one flat folder:
+``build_dataset.sh`` runs ``main``: it checks the inference options with ``infer_volume``'s own
+validator and that every checkpoint rebuilds (``load_checkpoint``), downloads the pinned
+dependency wheels (``wheels/requirements-kaggle.txt``) for Kaggle's Python, builds the vessel_kit
+wheel from the checkout, and writes one flat folder:
 
     vessel_kit-<version>-py3-none-any.whl, <dependency wheels>   installed offline by the notebook
     requirements.txt              exactly what the notebook installs (``--no-index --no-deps``)
@@ -12,7 +13,9 @@ builds the vessel_kit wheel from the checkout, and writes one flat folder:
     dataset-metadata.json         for the ``kaggle`` CLI
 
 The folder is flat because the ``kaggle`` CLI uploads subfolders only as archives. Nothing is
-uploaded (``--upload``) unless the whole folder was built and re-verified. The inference notebook
+uploaded (``--upload``) unless the whole folder was built and re-verified. It is built under a
+temporary name beside the output folder and swapped in whole (``atomic.replace_folder``), so an
+interrupted or failed build leaves the previous bundle as it was. The inference notebook
 calls ``read_bundle`` to check the sha256s and get the checkpoints and options.
 """
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -33,6 +35,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .atomic import remove_stale_temp_files, replace_folder, temp_path
+from .config_files import load_yaml_mapping
 
 __all__ = ["MANIFEST_NAME", "Bundle", "build_bundle", "collect_checkpoints", "main", "read_bundle", "upload_bundle"]
 
@@ -125,54 +130,36 @@ def build_bundle(
 ) -> Bundle:
     """Build the dataset folder ``out`` (replacing a previous bundle there) and return it verified.
 
-    Every check runs before ``out`` is touched: checkpoints must rebuild, ``infer_options`` must
-    be ``infer_volume`` options, every pinned wheel must be in ``wheelhouse`` (downloaded there
-    first unless ``download`` is False) and the vessel_kit wheel must build.
+    Every check runs before ``out`` is touched: ``infer_options`` must pass ``infer_volume``'s
+    validator (names and values; the options ``predict_submission`` sets itself are refused),
+    checkpoints must rebuild, every pinned wheel must be in ``wheelhouse`` (downloaded there
+    first unless ``download`` is False) and the vessel_kit wheel must build. The folder is built
+    and verified under a temporary name beside ``out`` (removed on any error or interrupt), then
+    swapped in for the previous bundle, so ``out`` always holds one whole bundle.
     """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise FileExistsError(f"{out} exists and is not a vessel_kit bundle; give an empty or new folder")
+    out = _bundle_folder(out)
+    options = _check_infer_options(infer_options or {})
     named = collect_checkpoints(checkpoints)
     described = {name: _describe_checkpoint(path) for name, path in named.items()}
     log(f"{len(named)} checkpoints rebuild: {', '.join(named)}")
-    options = _check_infer_options(infer_options or {})
     pins = _read_pins(requirements)
     if download:
         _download_wheels(requirements, wheelhouse, python_version, log)
     wheels = [_find_wheel(wheelhouse, name, version) for name, version in pins]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".bundle-", dir=out.parent) as tmp:
-        staging = Path(tmp) / "bundle"
-        staging.mkdir()
-        own_wheel = _build_own_wheel(source_dir, staging)
-        version = _wheel_version(own_wheel)
-        for wheel in wheels:
-            shutil.copyfile(wheel, staging / wheel.name)
-        for name, path in named.items():
-            shutil.copyfile(path, staging / name)
-        requirement_lines = [f"vessel_kit=={version}", *(f"{name}=={v}" for name, v in pins)]
-        (staging / REQUIREMENTS_NAME).write_text("\n".join(requirement_lines) + "\n")
-        metadata = {"title": title or "vessel_kit bundle", "id": kaggle_id or PLACEHOLDER_ID, "licenses": [{"name": "CC0-1.0"}]}
-        (staging / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (3.10)
-            "vessel_kit": version,
-            "git_commit": _git_commit(source_dir),
-            "python": python_version,
-            "requirements": requirement_lines,
-            "built_with": _versions(("torch", "numpy", "segmentation_models_pytorch", "timm")),
-            "checkpoints": [{"file": name, **described[name]} for name in named],
-            "infer_options": options,
-            "files": {p.name: _file_record(p) for p in sorted(staging.iterdir())},
-        }
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_folder(staging, out)
-    bundle = read_bundle(out)
-    if bundle.manifest["files"].keys() != {p.name for p in out.iterdir()} - {MANIFEST_NAME}:
-        raise RuntimeError(f"{out}: the folder and its manifest disagree")
+    remove_stale_temp_files(out.parent)  # staging folders of killed builds
+    staging = temp_path(out)
+    staging.mkdir()
+    try:
+        manifest = _write_staging(staging, source_dir, named, described, wheels, pins, options,
+                                  kaggle_id=kaggle_id, title=title, python_version=python_version)
+        _verify(staging)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     log(f"bundle written to {out}: {len(manifest['files'])} files, {_folder_mb(out):.1f} MB")
-    return bundle
+    return Bundle(out, manifest)
 
 
 def read_bundle(root: str | os.PathLike, *, verify: bool = True) -> Bundle:
@@ -249,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out, args.checkpoints, source_dir=source, requirements=args.requirements, wheelhouse=args.wheels,
             download=not args.no_download, kaggle_id=args.kaggle_id,
             title=args.title or (args.kaggle_id.split("/")[1] if args.kaggle_id else None),
-            infer_options=_read_yaml(args.infer_config) if args.infer_config else None,
+            infer_options=load_yaml_mapping(args.infer_config, what="inference config") if args.infer_config else None,
             python_version=args.python_version,
         )
         print(bundle.summary())
@@ -258,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted (no partial bundle is left in {args.out})", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -282,14 +272,72 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
     }
 
 
+def _bundle_folder(out: str | os.PathLike) -> Path:
+    """``out`` (the folder a symlink points to), checked to be new, empty or a previous bundle."""
+    out = Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is a file, not a bundle folder")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise FileExistsError(f"{out} exists and is not a vessel_kit bundle; give an empty or new folder")
+    return out
+
+
+def _write_staging(staging: Path, source_dir, named: Mapping[str, Path], described: Mapping[str, dict],
+                   wheels: Sequence[Path], pins: Sequence[tuple[str, str]], options: dict[str, Any], *,
+                   kaggle_id: str | None, title: str | None, python_version: str) -> dict[str, Any]:
+    """Write every file of the bundle into ``staging``, the manifest last; return the manifest."""
+    own_wheel = _build_own_wheel(source_dir, staging)
+    version = _wheel_version(own_wheel)
+    for wheel in wheels:
+        shutil.copyfile(wheel, staging / wheel.name)
+    for name, path in named.items():
+        shutil.copyfile(path, staging / name)
+    requirement_lines = [f"vessel_kit=={version}", *(f"{name}=={v}" for name, v in pins)]
+    (staging / REQUIREMENTS_NAME).write_text("\n".join(requirement_lines) + "\n")
+    metadata = {"title": title or "vessel_kit bundle", "id": kaggle_id or PLACEHOLDER_ID, "licenses": [{"name": "CC0-1.0"}]}
+    (staging / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (3.10)
+        "vessel_kit": version,
+        "git_commit": _git_commit(source_dir),
+        "python": python_version,
+        "requirements": requirement_lines,
+        "built_with": _versions(("torch", "numpy", "segmentation_models_pytorch", "timm")),
+        "checkpoints": [{"file": name, **described[name]} for name in named],
+        "infer_options": options,
+        "files": {p.name: _file_record(p) for p in sorted(staging.iterdir())},
+    }
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _verify(folder: Path) -> None:
+    """Re-read the written folder: every file matches its sha256 and nothing is unlisted."""
+    bundle = read_bundle(folder)
+    if bundle.manifest["files"].keys() != {p.name for p in folder.iterdir()} - {MANIFEST_NAME}:
+        raise RuntimeError(f"{folder}: the folder and its manifest disagree")
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Swap the verified ``staging`` folder in for ``out``; on failure ``out`` is left as it was."""
+    try:
+        replace_folder(staging, out)
+    except OSError as error:
+        raise RuntimeError(f"could not move the new bundle into {out} ({error}); {out} is left as it was") from None
+
+
 def _check_infer_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    from .infer import infer_volume
+    """The options ``predict_submission`` will pass on, checked by ``infer_volume``'s own validator,
+    as plain JSON values for the manifest."""
+    from .infer_options import check_infer_options
     from .submit import RESERVED_OPTIONS
 
-    valid = set(inspect.signature(infer_volume).parameters) - RESERVED_OPTIONS.keys()
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ValueError(f"unknown inference options {unknown}; valid: {sorted(valid)}")
+    reserved = sorted(set(options) & RESERVED_OPTIONS.keys())
+    if reserved:
+        raise ValueError("inference options set by predict_submission, not the bundle: "
+                         + ", ".join(f"{o} (its {RESERVED_OPTIONS[o]})" for o in reserved))
+    check_infer_options(options)
     try:
         return json.loads(json.dumps(dict(options)))
     except TypeError as error:
@@ -353,18 +401,6 @@ def _wheel_version(wheel: Path) -> str:
     return wheel.name.split("-")[1]
 
 
-def _replace_folder(staging: Path, out: Path) -> None:
-    """Move the finished ``staging`` folder to ``out``; a previous bundle there is removed last."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old)
-
-
 def _file_record(path: Path) -> dict[str, Any]:
     return {"sha256": _sha256(path), "bytes": path.stat().st_size}
 
@@ -397,17 +433,6 @@ def _git_commit(source_dir) -> str | None:
 
 def _folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir()) / 1e6
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise FileNotFoundError(f"inference config {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of inference options")
-    return values
 
 
 if __name__ == "__main__":
