@@ -8,10 +8,14 @@ import shutil
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
 
+import vessel_kit.cli as cli
 from vessel_kit.cli import main
+from vessel_kit.layout import VolumeInfo
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,8 @@ def test_console_script_is_installed():
     assert "synth" in result.stdout and "score" in result.stdout
 
 
-def test_infer_writes_a_valid_submission(dataset, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
     import torch
 
     from vessel_kit.models import ModelConfig, build_model, save_checkpoint
@@ -73,7 +78,18 @@ def test_infer_writes_a_valid_submission(dataset, tmp_path, capsys):
     torch.manual_seed(0)
     config = ModelConfig(arch="unet", encoder="resnet18", in_chans=3, normalization=Normalization("percentile"),
                          voxel_size_um=50.0, tile_size=64)
-    checkpoint = save_checkpoint(tmp_path / "m.safetensors", build_model("unet", "resnet18", in_chans=3), config)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.safetensors", build_model("unet", "resnet18", in_chans=3), config)
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[str]:
+    """The names of the volumes whose images are read (none, when a command stops early)."""
+    names = []
+    monkeypatch.setattr(VolumeInfo, "read_images", lambda self, **kwargs: names.append(self.name))
+    return names
+
+
+def test_infer_writes_a_valid_submission(dataset, checkpoint, tmp_path, capsys):
     submission = tmp_path / "submission.csv"
     assert main(["infer", str(dataset), str(checkpoint), "--out", str(submission), "--axes", "xy,yz", "--tta", "none"]) == 0
     assert main(["validate", str(submission), str(dataset / "sample_submission.csv")]) == 0
@@ -82,10 +98,83 @@ def test_infer_writes_a_valid_submission(dataset, tmp_path, capsys):
     assert "checkpoints not found" in capsys.readouterr().err
     # A spent budget: no volume is started, every mask is empty, the file is still valid.
     budget = tmp_path / "budget.csv"
-    assert main(["infer", str(dataset), str(checkpoint), "--out", str(budget), "--axes", "xy", "--tta", "none", "--time-budget", "0"]) == 0
+    assert main(["infer", str(dataset), str(checkpoint), "--out", str(budget), "--axes", "xy", "--tta", "none", "--time-budget", "1e-9"]) == 0
     captured = capsys.readouterr()
     assert "kidney_5 empty (time budget), kidney_6 empty (time budget)" in captured.out
     assert "kidney_5: would not finish" in captured.err and "kidney_6: would not finish" in captured.err
     rows = pd.read_csv(budget, dtype=str, keep_default_na=False)
     assert set(rows["rle"]) == {"1 0"}
     assert main(["validate", str(budget), str(dataset / "sample_submission.csv")]) == 0
+
+
+def test_infer_checks_its_output_paths_before_any_work(dataset, checkpoint, tmp_path, capsys, reads):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (tmp_path / "file").write_text("")
+    infer = ["infer", str(dataset), str(checkpoint), "--device", "cpu"]
+    assert main([*infer, "--out", str(folder)]) == 2
+    assert main([*infer, "--out", str(tmp_path / "absent" / "s.csv")]) == 2
+    assert main([*infer, "--out", str(tmp_path / "s.csv"), "--logits-dir", str(tmp_path / "file")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [f"error: out {folder} is a folder; give the submission's file path",
+                      f"error: the folder of out {tmp_path / 'absent' / 's.csv'} does not exist",
+                      f"error: logits_dir {tmp_path / 'file'} is a file; give a folder for the logits"]
+    assert reads == [] and list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--time-budget", "-10"], "argument --time-budget: time_budget_s must be a number of seconds > 0, got -10.0"),
+    (["--time-budget", "nan"], "argument --time-budget: time_budget_s must be a number of seconds > 0, got nan"),
+    (["--min-component-size", "-5"], "argument --min-component-size: inference option min_component_size=-5"),
+    (["--tta", "rot", "--on-error", "empty"], "argument --tta: inference option tta='rot': must be one of"),
+    (["--axes", "xy,zz"], "argument --axes: inference option axes=['xy', 'zz']"),
+    (["--overlap", "half"], "argument --overlap: expected float, got 'half'"),
+])
+def test_bad_inference_options_name_the_flag(flags, message, dataset, checkpoint, capsys, reads):
+    with pytest.raises(SystemExit) as stopped:
+        main(["infer", str(dataset), str(checkpoint), *flags])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err and reads == []
+
+
+def test_a_bad_device_stops_even_with_on_error_empty(dataset, checkpoint, tmp_path, capsys, reads):
+    out = tmp_path / "s.csv"
+    assert main(["infer", str(dataset), str(checkpoint), "--out", str(out), "--device", "tpu", "--on-error", "empty"]) == 2
+    assert capsys.readouterr().err.startswith("error: device 'tpu' is not a device name")
+    assert reads == [] and not out.exists()
+
+
+@pytest.mark.parametrize("error, line", [
+    (PermissionError(13, "Permission denied", "/data/s.csv"), "error: /data/s.csv: Permission denied"),
+    (OSError(28, "No space left on device", "/tmp/x.tmp"), "error: /tmp/x.tmp: No space left on device"),
+    (IsADirectoryError(21, "Is a directory", "/o/.s.csv.1.tmp", None, "/o/s.csv"), "error: /o/.s.csv.1.tmp -> /o/s.csv: Is a directory"),
+    (OSError("Read-only file system"), "error: Read-only file system"),
+    (KeyboardInterrupt(), "interrupted"),
+])
+def test_os_errors_are_one_line_and_debug_shows_the_traceback(error, line, monkeypatch, capsys):
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(cli, "validate_submission", fail)
+    status = 130 if isinstance(error, KeyboardInterrupt) else 2
+    assert main(["validate", "s.csv", "sample.csv"]) == status
+    assert capsys.readouterr().err == line + "\n"
+    assert main(["--debug", "validate", "s.csv", "sample.csv"]) == status
+    shown = capsys.readouterr().err
+    assert shown.startswith("Traceback (most recent call last):") and type(error).__name__ in shown
+
+
+def test_train_passes_overwrite(dataset, tmp_path, monkeypatch):
+    import vessel_kit.training as training
+
+    calls = []
+
+    def fake_train(config, *, overwrite=False):
+        calls.append((config.out_dir, overwrite))
+        return SimpleNamespace(best_score=0.5, best_epoch=1, best_checkpoint=tmp_path / "best.safetensors")
+
+    monkeypatch.setattr(training, "train", fake_train)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data_root: {dataset}\nout_dir: {tmp_path / 'run'}\n")
+    assert main(["train", "--config", str(config)]) == 0
+    assert main(["train", "--config", str(config), "--overwrite"]) == 0
+    assert calls == [(str(tmp_path / "run"), False), (str(tmp_path / "run"), True)]

@@ -1,7 +1,9 @@
 """The ``vessel-kit`` command line: ``synth``, ``train``, ``infer``, ``score``, ``validate``, ``demo``.
 
-A thin layer: parse arguments, call the library, print results. Bad input surfaces as a one-line
-``error: ...`` message and exit status 2, not a traceback.
+A thin layer: parse arguments, call the library, print results. Bad input and file-system
+errors (a missing or unwritable path, a full disk) surface as a one-line ``error: ...`` message
+and exit status 2, not a traceback (``vessel-kit --debug ...`` shows the traceback); Ctrl-C
+exits with status 130. Inference options are checked as they are parsed, naming the flag.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .layout import KNOWN_VOXEL_SIZES_UM
@@ -25,26 +28,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, FloatingPointError, OSError) as error:
+        return _report(f"error: {_describe(error)}", 2, args.debug)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _report("interrupted", 130, args.debug)
+
+
+def _describe(error: Exception) -> str:
+    """One line: ``PATH: reason`` for an OSError that names its file, else the message."""
+    if isinstance(error, OSError) and error.filename is not None:
+        where = str(error.filename) if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+        return f"{where}: {error.strerror or error}"
+    return str(error) or type(error).__name__
+
+
+def _report(line: str, status: int, debug: bool) -> int:
+    """Print the traceback being handled (with --debug) or ``line``; return ``status``."""
+    if debug:
+        traceback.print_exc()
+    else:
+        print(line, file=sys.stderr)
+    return status
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vessel-kit", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="write a synthetic dataset in the Kaggle layout")
     synth.add_argument("root", type=Path, help="output folder (must not exist or be empty)")
     synth.add_argument("--scale", type=float, default=1.0, help="size factor of every volume (default 1.0)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--style", default=None,
+                       help="one style family for every volume (vessel_kit.synth.STYLES; default: the demo's mix)")
     synth.set_defaults(run=_run_synth)
 
     train = commands.add_parser("train", help="train a model from a YAML config (see vessel_kit.training.TrainConfig)")
     train.add_argument("--config", type=Path, required=True, help="YAML file of TrainConfig options")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run files in out_dir (a run with another config, or without state.pt)")
     train.set_defaults(run=_run_train)
 
     infer = commands.add_parser("infer", help="predict every test volume of a Kaggle layout into a submission")
@@ -52,15 +75,23 @@ def _build_parser() -> argparse.ArgumentParser:
     infer.add_argument("checkpoints", type=Path, nargs="+", help="one or more .safetensors checkpoints (an ensemble)")
     infer.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV (default submission.csv)")
     infer.add_argument("--split", default="test", choices=("train", "test"), help="which split to predict (default test)")
-    infer.add_argument("--axes", default="xy,xz,yz", help="comma-separated axes (default xy,xz,yz)")
-    infer.add_argument("--tta", default="flips", help="none, flips or d4 (default flips)")
-    infer.add_argument("--tile-size", type=int, default=None, help="tile side (default: the checkpoint's)")
-    infer.add_argument("--overlap", type=float, default=0.5)
-    infer.add_argument("--batch-size", type=int, default=8)
-    infer.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
-    infer.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of voxels instead")
-    infer.add_argument("--min-component-size", type=int, default=0, help="drop 3D components smaller than this")
-    infer.add_argument("--time-budget", type=float, default=None, help="seconds; later volumes get empty masks past it")
+    infer.add_argument("--axes", default="xy,xz,yz", type=_checked("axes", _comma_list),
+                       help="comma-separated axes (default xy,xz,yz)")
+    infer.add_argument("--tta", default="flips", type=_checked("tta", str), help="none, flips or d4 (default flips)")
+    infer.add_argument("--tile-size", type=_checked("tile_size", int), default=None,
+                       help="tile side (default: the checkpoint's)")
+    infer.add_argument("--overlap", type=_checked("overlap", float), default=0.5)
+    infer.add_argument("--batch-size", type=_checked("batch_size", int), default=8)
+    infer.add_argument("--threshold", type=_checked("threshold", float), default=None,
+                       help="probability threshold (default: the checkpoints' calibrated one, else 0.5)")
+    infer.add_argument("--hysteresis", type=_checked("hysteresis", _float_pair), default=None, metavar="HIGH,LOW",
+                       help="instead: voxels above HIGH seed the mask, which grows in 3D through voxels above LOW")
+    infer.add_argument("--top-fraction", type=_checked("top_fraction", float), default=None,
+                       help="keep this fraction of voxels instead")
+    infer.add_argument("--min-component-size", type=_checked("min_component_size", int), default=0,
+                       help="drop 3D components smaller than this")
+    infer.add_argument("--time-budget", type=_checked("time_budget_s", float), default=None,
+                       help="seconds (> 0); later volumes get empty masks past it")
     infer.add_argument("--device", default=None,
                        help="cpu, cuda:N, comma-separated devices, or auto (default: every working GPU, else cpu)")
     infer.add_argument("--logits-dir", type=Path, default=None, help="also keep each volume's float16 logits there (.npy)")
@@ -84,14 +115,43 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke run: 1 epoch of 64 crops")
+    demo.add_argument("--overwrite", action="store_true", help="start the training over (another config than before)")
     demo.set_defaults(run=_run_demo)
     return parser
+
+
+def _checked(name: str, convert: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type: ``convert`` the text, then check the value as ``predict_submission``'s
+    option ``name``, so a bad value stops the command at once with the flag named."""
+
+    def parse(text: str) -> object:
+        from .submit import check_submission_options
+
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {convert.__name__}, got {text!r}") from None
+        try:
+            check_submission_options({name: value})
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    return parse
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",")]
+
+
+def _float_pair(text: str) -> tuple[float, ...]:
+    return tuple(float(item) for item in text.split(","))
 
 
 def _run_synth(args: argparse.Namespace) -> int:
     from .synth import make_synthetic_dataset
 
-    root = make_synthetic_dataset(args.root, scale=args.scale, seed=args.seed)
+    root = make_synthetic_dataset(args.root, scale=args.scale, seed=args.seed, styles=args.style)
     print(f"synthetic dataset written to {root}")
     return 0
 
@@ -99,9 +159,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
-    if not args.config.is_file():
-        raise FileNotFoundError(f"config file {args.config} does not exist")
-    result = train(TrainConfig.from_yaml(args.config))
+    result = train(TrainConfig.from_yaml(args.config), overwrite=args.overwrite)
     print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch}: {result.best_checkpoint}")
     return 0
 
@@ -111,9 +169,9 @@ def _run_infer(args: argparse.Namespace) -> int:
 
     status = predict_submission(
         args.data_root, args.checkpoints, args.out, split=args.split, time_budget_s=args.time_budget,
-        device=args.device, on_error=args.on_error, logits_dir=args.logits_dir, axes=args.axes.split(","), tta=args.tta,
+        device=args.device, on_error=args.on_error, logits_dir=args.logits_dir, axes=args.axes, tta=args.tta,
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, threshold=args.threshold,
-        top_fraction=args.top_fraction, min_component_size=args.min_component_size,
+        hysteresis=args.hysteresis, top_fraction=args.top_fraction, min_component_size=args.min_component_size,
     )
     print(f"submission written to {args.out}: " + ", ".join(f"{name} {state}" for name, state in status.items()))
     return 0
@@ -135,6 +193,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     """The built-in default job: synthesise a dataset, train the ``synthetic_cpu`` recipe, predict
     the test volumes, write and validate a submission, score it. Reruns reuse the dataset and
     resume the training."""
+    from .models import read_checkpoint_metadata
     from .qc import qc_report
     from .submit import predict_submission
     from .synth import make_synthetic_dataset
@@ -149,13 +208,15 @@ def _run_demo(args: argparse.Namespace) -> int:
         options.update(epochs=1, crops_per_epoch=64)
     if args.epochs:
         options["epochs"] = args.epochs
-    result = train(TrainConfig.from_dict(options))
+    result = train(TrainConfig.from_dict(options), overwrite=args.overwrite)
     submission, logits_dir = args.out / "submission.csv", args.out / "logits"
     status = predict_submission(data_root, [result.best_checkpoint], submission, logits_dir=logits_dir,
                                 tta="none" if args.quick else "flips")
     scores = score_submission(data_root / "solution.csv", submission, progress=False)
-    curves = qc_report(data_root, submission, logits_dir, args.out / "qc.png")
-    print(f"\nsurface Dice of the test volumes (model: {result.best_checkpoint}):")
+    threshold = read_checkpoint_metadata(result.best_checkpoint)["threshold"]
+    curves = qc_report(data_root, submission, logits_dir, args.out / "qc.png", threshold=threshold)
+    print(f"\nsurface Dice of the test volumes at the calibrated threshold {threshold} "
+          f"(model: {result.best_checkpoint}):")
     print(_format_scores(scores))
     for name, curve in curves.items():
         best = max(curve, key=lambda point: point[1])

@@ -196,8 +196,8 @@ def score_submission(
     for volume, rows in solution.groupby("image", sort=False):
         accumulator = SurfaceDiceAccumulator()
         for row_id, truth_rle, height, width in rows[["id", "rle", "height", "width"]].itertuples(index=False):
-            truth = _decode_row(truth_rle, (height, width), in_solution, row_id)
-            pred = _decode_row(predicted[row_id], (height, width), in_submission, row_id)
+            truth = decode_row(truth_rle, (height, width), in_solution, row_id)
+            pred = decode_row(predicted[row_id], (height, width), in_submission, row_id)
             accumulator.update(truth, pred)
             bar.update()
         scores[str(volume)] = accumulator.result()
@@ -253,7 +253,7 @@ def _predictions(submission: pd.DataFrame, solution: pd.DataFrame, where: str) -
     return predicted
 
 
-def _decode_row(rle: str, shape: tuple[int, int], where: str, row_id: str) -> np.ndarray:
+def decode_row(rle: str, shape: tuple[int, int], where: str, row_id: str) -> np.ndarray:
     """``rle_decode``, its ValueError naming ``where`` (the file) and the id of the row."""
     try:
         return rle_decode(rle, shape)

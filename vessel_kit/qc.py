@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_output
+from .calibration import threshold_scores
 from .layout import find_volumes
-from .metric import read_solution, surface_dice
+from .metric import decode_row, read_solution
 from .resample import resample_volume
-from .rle import read_submission, rle_decode, slice_id
+from .rle import duplicated_ids, read_submission, slice_id
 
 __all__ = ["DEFAULT_THRESHOLDS", "QCVolume", "qc_report", "read_solution_volume", "save_qc_figure", "threshold_curve"]
 
@@ -52,7 +53,7 @@ def qc_report(
     one), from a submission and the logits ``predict_submission(..., logits_dir=...)`` kept.
     Returns each volume's threshold curve."""
     data_root, logits_dir = Path(data_root), Path(logits_dir)
-    predicted = dict(read_submission(submission_csv)[["id", "rle"]].itertuples(index=False))
+    predicted = _submission_rles(submission_csv)
     solution = read_solution(data_root / "solution.csv")
     rows = []
     for volume in find_volumes(data_root, "test"):
@@ -63,7 +64,8 @@ def qc_report(
         logits = np.load(logits_path, mmap_mode="r")
         if logits.shape != truth.shape:  # predicted at the models' voxel size
             logits = resample_volume(logits, truth.shape, dtype=np.float16)
-        prediction = np.stack([rle_decode(predicted[slice_id(volume.name, stem)], truth.shape[1:]) for stem in volume.stems])
+        prediction = np.stack([_predicted_slice(predicted, slice_id(volume.name, stem), truth.shape[1:], submission_csv)
+                               for stem in volume.stems])
         curve = threshold_curve(logits, truth)
         rows.append(QCVolume(volume.name, volume.read_images(), truth, prediction, curve, threshold))
     save_qc_figure(out, rows)
@@ -80,14 +82,8 @@ def threshold_curve(
     logits: np.ndarray, truth: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
 ) -> list[tuple[float, float]]:
     """Surface Dice of ``probability > t`` for each threshold ``t`` (compared on the logits)."""
-    if logits.shape != truth.shape:
-        raise ValueError(f"logits {logits.shape} and truth {truth.shape} differ in shape")
-    curve = []
-    for t in thresholds:
-        if not 0 < t < 1:
-            raise ValueError(f"thresholds must be in (0, 1), got {t}")
-        curve.append((float(t), surface_dice(truth, logits > np.log(t / (1 - t)))))
-    return curve
+    scores = threshold_scores([logits], [truth], thresholds)[:, 0]
+    return [(float(t), float(score)) for t, score in zip(thresholds, scores, strict=True)]
 
 
 def save_qc_figure(path: str | os.PathLike, volumes: Sequence[QCVolume]) -> Path:
@@ -123,7 +119,23 @@ def _volume_truth(solution: pd.DataFrame, volume: str, where: str | os.PathLike)
     rows = solution[solution["image"] == volume]
     if rows.empty:
         raise ValueError(f"{where} has no rows for volume {volume!r}")
-    return np.stack([rle_decode(rle, (h, w)) for rle, h, w in rows[["rle", "height", "width"]].itertuples(index=False)])
+    columns = rows[["id", "rle", "height", "width"]].itertuples(index=False)
+    return np.stack([decode_row(rle, (h, w), f"solution file {where}", row_id) for row_id, rle, h, w in columns])
+
+
+def _submission_rles(path: str | os.PathLike) -> dict[str, str]:
+    """id -> rle of a submission; duplicated ids are an error naming the file."""
+    table = read_submission(path)
+    duplicates = duplicated_ids(table)
+    if duplicates:
+        raise ValueError(f"submission file {path}: ids {duplicates[:3]} occur more than once")
+    return dict(table[["id", "rle"]].itertuples(index=False))
+
+
+def _predicted_slice(predicted: dict[str, str], row_id: str, shape: tuple[int, int], path) -> np.ndarray:
+    if row_id not in predicted:
+        raise ValueError(f"submission file {path}: no row for id {row_id!r}")
+    return decode_row(predicted[row_id], shape, f"submission file {path}", row_id)
 
 
 def _middle_cuts(shape: tuple[int, int, int]) -> list[tuple[str, tuple]]:
