@@ -5,11 +5,11 @@ For each held-out family of ``vessel_kit.synth.STYLES`` (a fold), in one run:
 
 1. a Kaggle-layout dataset under ``--work`` (default a temporary folder): ``--train-volumes``
    training volumes of the *other* families (cycling through them, so the styles mix) and one
-   validation volume of the next other family, all ``--shape`` at 50 µm, fully labelled;
+   validation volume of the first of them, all ``--shape`` at 50 µm, fully labelled;
 2. the ``synthetic_cpu`` recipe trained on it (``--epochs`` overrides the recipe's epochs);
-3. two held-out volumes of the held-out family, made in memory with one seed: at 50 µm and at
-   63.08 µm (kidney_6's voxel size; the same shape and seed, so vessels of the same radii in µm
-   appear 50/63.08 times as thick in voxels);
+3. two held-out volumes of the held-out family, made in memory with one seed: at 50 µm, and
+   the same anatomy resampled to 63.08 µm (kidney_6's voxel size: vessels appear 50/63.08
+   times as thick in voxels);
 4. the model's masks from ``infer_volume(volume, best checkpoint, voxel_size_um=...)`` with its
    default threshold (the checkpoint's calibrated one, else 0.5); the 63.08 µm volume is
    resampled to the model's 50 µm and back;
@@ -118,11 +118,11 @@ def choose_folds(families: list[str], chosen: str | None, folds: int | None) -> 
 
 def fold_volumes(held_out: str, families: list[str], n_train: int) -> tuple[dict[str, str], dict[str, str]]:
     """({training volume name: style}, {validation volume name: style}): the other families in
-    turn, the validation volume's family the one after the last training volume's."""
+    turn; the validation volume is another volume of the first training family (validating on a
+    family whose vessels can be invisible, such as ``random``, would calibrate on noise)."""
     others = [family for family in families if family != held_out]
     train = {f"train_{index}_{others[index % len(others)]}": others[index % len(others)] for index in range(n_train)}
-    val_style = others[n_train % len(others)]
-    return train, {f"val_{val_style}": val_style}
+    return train, {f"val_{others[0]}": others[0]}
 
 
 def run_fold(held_out: str, families: list[str], folder: Path, args: argparse.Namespace) -> dict:
@@ -197,10 +197,17 @@ def train_model(root: Path, out_dir: Path, train: list[str], val: list[str], arg
 
 
 def held_out_volumes(style: str, shape: tuple[int, int, int], seed: int) -> dict[float, tuple[np.ndarray, np.ndarray]]:
-    """{voxel size: (image, labels)}: one seed of ``style`` at each test voxel size."""
+    """{voxel size: (image, labels)}: one seed of ``style`` at 50 µm, and the same anatomy
+    resampled to each coarser test voxel size (images trilinear, labels linear then cut at 0.5,
+    as ``vessel_kit.validation.validation_cases`` resamples)."""
+    from vessel_kit.data import TrainVolume
     from vessel_kit.synth import make_synthetic_volume
+    from vessel_kit.validation import validation_cases
 
-    return {voxel: make_synthetic_volume(tuple(shape), seed, voxel, style=style) for voxel in TEST_VOXEL_UM}
+    image, labels = make_synthetic_volume(tuple(shape), seed, TRAIN_VOXEL_UM, style=style)
+    volume = TrainVolume(style, image, labels, voxel_size_um=TRAIN_VOXEL_UM)
+    cases = validation_cases([volume], [v for v in TEST_VOXEL_UM if v != TRAIN_VOXEL_UM])
+    return {case.voxel_size_um: (case.images, case.truth) for case in cases}
 
 
 def score_model(checkpoint: Path, tests: dict[float, tuple[np.ndarray, np.ndarray]], tta: str) -> dict[float, float]:

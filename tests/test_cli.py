@@ -58,7 +58,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     demo = tmp_path / "demo"
     assert (demo / "submission.csv").is_file() and (demo / "run" / "best.safetensors").is_file()
     assert (demo / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (demo / "logits").iterdir()) == ["kidney_5.npy", "kidney_6.npy"]
+    assert sorted(p.name for p in (demo / "logits").iterdir()) == ["kidney_5.json", "kidney_5.npy", "kidney_6.json", "kidney_6.npy"]
 
 
 def test_console_script_is_installed():

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import re
+import time
 
 import cv2
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from scipy import ndimage
 
 import vessel_kit.synth.dataset as synth_dataset
+from vessel_kit.atomic import TEMP_NAME
 from vessel_kit.layout import KNOWN_VOXEL_SIZES_UM, find_volumes
 from vessel_kit.rle import rle_decode, slice_id
 from vessel_kit.synth import (
@@ -321,7 +323,7 @@ def test_dataset_has_the_kaggle_layout(dataset):
     assert tree(dataset / "train/kidney_3_dense") == {"train/kidney_3_dense/labels"}
     for name in ["kidney_5", "kidney_6"]:
         assert tree(dataset / "test" / name) == {f"test/{name}/images"}
-    assert not [p for p in dataset.parent.iterdir() if ".partial-" in p.name]
+    assert not [p for p in dataset.parent.iterdir() if TEMP_NAME.fullmatch(p.name)]
 
 
 def test_default_dataset_mixes_families():
@@ -465,7 +467,9 @@ def test_an_interrupted_dataset_leaves_nothing_and_a_rerun_succeeds(tmp_path, mo
     assert os.listdir(tmp_path) == []  # neither the dataset nor its partial folder
     monkeypatch.setattr(synth_dataset, "write_volume", real_write)
     # A partial folder left by a killed run (its process is gone) is removed by the next run.
-    (tmp_path / f".data.partial-{2**31 - 1}-0123abcd" / "train").mkdir(parents=True)
+    stale = tmp_path / f".data.vk-{2**31 - 1}-0123abcd.tmp"
+    (stale / "train").mkdir(parents=True)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     root = make_synthetic_dataset(tmp_path / "data", volumes=TINY, progress=False)
     assert os.listdir(tmp_path) == ["data"]
     assert {v.name for v in find_volumes(root, "train")} == {"synth_a", "synth_b"}

@@ -126,3 +126,20 @@ def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_pa
     assert read_checkpoint_metadata(result.best_checkpoint)["threshold"] == record["val_threshold"]
     with pytest.raises(ValueError, match="val_voxel_sizes_um must be positive"):
         tiny_config(data_root, tmp_path / "bad", val_voxel_sizes_um=[0])
+
+
+@pytest.mark.parametrize("option, match", [
+    ({"epochs": "ten"}, "training option epochs must be int, got 'ten'"),
+    ({"batch_size": 2.5}, "training option batch_size must be int"),
+    ({"resume": "yes"}, "training option resume must be bool"),
+    ({"val_threshold": True}, "training option val_threshold must be float | None"),
+    ({"lr": -1.0}, "lr must be a finite number"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"ema_decay": 1.5}, "ema_decay must be in \\(0, 1\\)"),
+    ({"num_workers": -1}, "num_workers must be >= 0"),
+    ({"rotate_p": 1.5}, "rotate_p is a probability"),
+    ({"zoom_range": [1.2, 0.8]}, "zoom_range must be \\(low, high\\)"),
+])
+def test_bad_option_values_are_named(option, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(data_root="/d", **option)

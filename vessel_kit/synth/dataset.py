@@ -6,7 +6,6 @@ import csv
 import itertools
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_output
+from ..atomic import atomic_output, remove_stale_temp_files, temp_path
 from ..layout import KNOWN_VOXEL_SIZES_UM
 from ..metric import SOLUTION_COLUMNS
 from ..rle import rle_encode, slice_id, write_submission
@@ -66,7 +65,7 @@ class SyntheticVolumeSpec:
 SYNTHETIC_VOLUMES: tuple[SyntheticVolumeSpec, ...] = (
     SyntheticVolumeSpec("kidney_1_dense", "train", (96, 256, 256), 1.0),
     SyntheticVolumeSpec("kidney_2", "train", (64, 256, 224), 0.65),
-    SyntheticVolumeSpec("kidney_3_sparse", "train", (80, 224, 256), 0.85, style="random"),
+    SyntheticVolumeSpec("kidney_3_sparse", "train", (80, 224, 256), 0.85),
     SyntheticVolumeSpec("kidney_5", "test", (64, 256, 240), None),
     SyntheticVolumeSpec("kidney_6", "test", (48, 224, 224), None, stem_digits=5),
     # Small extra training volumes, one per other style family, at 50 µm.
@@ -81,7 +80,6 @@ SYNTHETIC_VOLUMES: tuple[SyntheticVolumeSpec, ...] = (
 DENSE_SUBSET_NAME = "kidney_3_dense"
 DENSE_SUBSET_SOURCE = "kidney_3_sparse"
 DENSE_SUBSET_RANGE = (3 / 8, 7 / 8)  # as fractions of the source's slices
-_PARTIAL = ".partial-"  # a dataset being written is <parent>/.<root name>.partial-<pid>-<hex>
 
 
 def make_synthetic_dataset(
@@ -105,7 +103,7 @@ def make_synthetic_dataset(
 
     The dataset is written into a hidden folder beside ``root`` and renamed to ``root`` when
     complete, so an interrupted run never leaves a partial dataset under ``root``; such folders
-    left by a killed run are removed by the next run for the same ``root``.
+    left by a killed run are removed by a later run (``atomic.remove_stale_temp_files``).
 
     Raises FileExistsError if ``root`` exists and is not an empty folder (datasets never mix),
     ValueError for a ``scale`` that is not a positive number, an unknown style, a ``styles``
@@ -119,8 +117,8 @@ def make_synthetic_dataset(
     volume_styles = _volume_styles(volumes, styles)
     parent = root.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(parent, root.name)
-    partial = parent / f".{root.name}{_PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+    remove_stale_temp_files(parent)
+    partial = temp_path(root.absolute())
     partial.mkdir()
     try:
         _write_dataset(partial, volumes, volume_styles, scale, seed, progress)
@@ -169,26 +167,6 @@ def _volume_styles(
             raise ValueError(f"styles must be style names, one of {sorted(STYLES)}, got {style!r}")
         resolve_style(style)
     return chosen
-
-
-def _remove_stale_partials(parent: Path, name: str) -> None:
-    """Delete the partial datasets for ``<parent>/<name>`` whose writing process is gone."""
-    pattern = re.compile(re.escape(f".{name}{_PARTIAL}") + r"(\d+)-[0-9a-f]{8}")
-    for entry in parent.iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir() and not _process_alive(int(match[1])):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_dataset(
