@@ -46,7 +46,7 @@ def rehearsal(tmp_path_factory, real_data):
         "crops_per_epoch": 256, "batch_size": 16, "epochs": 6, "num_workers": 0, "progress": False,
         # What the notebook gets is under test here, not robustness: the hipct volumes, no extra augmentation.
         "train_volumes": ["kidney_1_dense", "kidney_2"], "val_voxel_sizes_um": [], "rotate_p": 0.0, "zoom_p": 0.0,
-        "lowres_p": 0.0, "intensity_p": 0.0, "invert_p": 0.0,
+        "lowres_p": 0.0, "intensity_p": 0.0, "invert_p": 0.0, "model_kwargs": {},
     }))
     infer_config = tmp / "infer.yaml"
     infer_config.write_text(json.dumps(INFER_OPTIONS))

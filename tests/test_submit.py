@@ -185,6 +185,7 @@ def test_configuration_errors_stop_before_any_volume_is_read(dataset, checkpoint
         ({"time_budget_s": -10}, r"time_budget_s must be a number of seconds > 0, got -10"),
         ({"time_budget_s": float("inf")}, r"time_budget_s must be .* got inf"),
         ({"device": "tpu"}, r"device 'tpu' is not a device name"),
+        ({"tile_size": 100}, r"tile_size must be a positive multiple of the models' stride 32, got 100"),
     ]:
         with pytest.raises(ValueError, match=message):  # on_error="empty" covers volumes, not configuration
             submit.predict_submission(dataset, [checkpoint], out, on_error="empty", **{**QUIET, **options})

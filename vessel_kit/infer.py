@@ -48,7 +48,7 @@ RESCALE_TOLERANCE = 0.02  # voxel sizes within 2 % count as equal (kidney_5: 50.
 MAX_RESCALE = 8.0  # a volume is never resampled by more than this factor per side (a wrong voxel size)
 DEFAULT_THRESHOLD = 0.5  # for models that carry no calibrated threshold
 
-__all__ = ["DeadlineWarning", "Ensemble", "infer_volume", "load_ensemble"]
+__all__ = ["DeadlineWarning", "Ensemble", "check_tile_size", "infer_volume", "load_ensemble"]
 
 
 class DeadlineWarning(UserWarning):
@@ -72,6 +72,13 @@ class Ensemble:
     def stride(self) -> int:
         """Input sides must be multiples of this for every member (``models.model_stride``)."""
         return math.lcm(*(model_stride(model) for model in self.models))
+
+
+def check_tile_size(tile_size: int | None, ensemble: Ensemble) -> None:
+    """ValueError unless ``tile_size`` (None: the ensemble's own) fits every member's stride; run
+    by callers that must refuse a bad option before reading any volume."""
+    if tile_size is not None and tile_size % ensemble.stride:
+        raise ValueError(f"tile_size must be a positive multiple of the models' stride {ensemble.stride}, got {tile_size}")
 
 
 class _Member(NamedTuple):
@@ -226,8 +233,7 @@ def infer_volume(
     )
     axis_weights = _check_axes(axes, axis_weights)
     tile = tile_size if tile_size is not None else ensemble.tile_size
-    if tile is not None and tile % ensemble.stride:
-        raise ValueError(f"tile_size must be a positive multiple of the models' stride {ensemble.stride}, got {tile}")
+    check_tile_size(tile, ensemble)
     if threshold is None:
         threshold = DEFAULT_THRESHOLD if ensemble.threshold is None else ensemble.threshold
     use_amp = amp is not False and all(d.type == "cuda" for d in devices)

@@ -34,7 +34,7 @@ import numpy as np
 
 from .atomic import atomic_output
 from .devices import usable_devices
-from .infer import DeadlineWarning, infer_volume, load_ensemble
+from .infer import DeadlineWarning, check_tile_size, infer_volume, load_ensemble
 from .infer_options import check_infer_options
 from .layout import VolumeInfo, find_volumes
 from .logits_cache import LogitsCache
@@ -122,6 +122,8 @@ def predict_submission(
     if checked_sample:
         _check_sample_lists_layout(checked_sample, volumes, split)
     loaded, failure = _load(checkpoints, devices, on_error, log)
+    if loaded is not None:  # a configuration error, whatever on_error says
+        check_tile_size(infer_options.get("tile_size"), loaded[0])
     cache = None
     if logits_dir is not None and failure is None:
         cache = LogitsCache(logits_dir, checkpoints, infer_options, log)
