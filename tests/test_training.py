@@ -123,7 +123,10 @@ def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_pa
     record = result.history[0]
     coarse = record["val_surface_dice_kidney_3_dense@63.08um"]
     assert record["val_surface_dice"] == pytest.approx((record["val_surface_dice_kidney_3_dense"] + coarse) / 2)
-    assert read_checkpoint_metadata(result.best_checkpoint)["threshold"] == record["val_threshold"]
+    header = read_checkpoint_metadata(result.best_checkpoint)
+    # The final threshold is calibrated on every axis, as inference predicts by default.
+    assert header["threshold"] == header["metrics"]["val_threshold_3axes"]
+    assert header["metrics"]["val_threshold"] == record["val_threshold"]
     with pytest.raises(ValueError, match="val_voxel_sizes_um must be positive"):
         tiny_config(data_root, tmp_path / "bad", val_voxel_sizes_um=[0])
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .atomic import atomic_output
+from .axes import AXES
 from .config_files import load_yaml_mapping
 from .data import CropConfig, CropDataset, TrainVolume, cache_volume, vessel_mask
 from .devices import usable_devices
@@ -40,7 +41,9 @@ from .models import (
     ModelConfig,
     ModelEMA,
     build_model_from_config,
+    load_checkpoint,
     load_training_state,
+    read_checkpoint_metadata,
     save_checkpoint,
     save_training_state,
 )
@@ -311,10 +314,28 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
         _plot_curves(history, out_dir / "curves.png")
         if config.progress:
             tqdm.write(_format_record(record))
+    if val_cases and config.val_threshold is None and best["epoch"] >= 0:
+        _calibrate_on_every_axis(out_dir / "best.safetensors", val_cases, config, device)
     return TrainResult(
         best_score=best["score"], best_epoch=best["epoch"], best_checkpoint=out_dir / "best.safetensors",
         last_checkpoint=out_dir / "last.safetensors", history=history,
     )
+
+
+def _calibrate_on_every_axis(checkpoint: Path, cases, config: TrainConfig, device: torch.device) -> None:
+    """Rewrite the best checkpoint's threshold, calibrated on the validation cases predicted along
+    every axis, as ``infer_volume`` predicts by default (the epochs validate on xy alone)."""
+    model, model_config = load_checkpoint(checkpoint, device=device)
+    header = read_checkpoint_metadata(checkpoint)
+    record = validate(model, cases, in_chans=model_config.in_chans, normalization=model_config.normalization,
+                      model_voxel_size_um=model_config.voxel_size_um, device=device,
+                      batch_size=config.val_batch_size, axes=AXES)
+    metrics = {**header["metrics"], **{f"{key}_3axes": value for key, value in record.items()}}
+    save_checkpoint(checkpoint, model, model_config, metrics=metrics, extra=header["extra"],
+                    threshold=record["val_threshold"])
+    if config.progress:
+        tqdm.write(f"threshold calibrated on 3 axes: {record['val_threshold']} "
+                   f"(validation surface Dice {record['val_surface_dice']:.4g})")
 
 
 def load_train_volumes(config: TrainConfig, names: list[str]) -> list[TrainVolume]:

@@ -66,9 +66,12 @@ def validate(
     device: torch.device,
     batch_size: int = 4,
     threshold: float | None = None,
+    axes: Sequence[str] = ("xy",),
 ) -> dict[str, float]:
-    """Surface Dice and Dice of whole-slice xy predictions (no TTA: cheap enough for every
-    epoch, and a lower bound of what more axes and TTA reach).
+    """Surface Dice and Dice of whole-slice predictions along ``axes`` (no TTA). Every epoch
+    uses xy alone (cheap, a lower bound of what more axes reach); training calibrates the final
+    threshold on every axis, as inference averages them by default (averaged logits are less
+    extreme than one axis', so a threshold found on xy alone would be too high).
 
     ``threshold`` None calibrates it: the grid probability with the best mean surface Dice over
     the cases (``calibration.THRESHOLD_GRID``). Returns ``val_threshold``, the mean
@@ -76,7 +79,7 @@ def validate(
     """
     logits = [
         infer_volume(
-            case.images, model, axes=("xy",), tta="none", in_chans=in_chans, normalization=normalization,
+            case.images, model, axes=tuple(axes), tta="none", in_chans=in_chans, normalization=normalization,
             batch_size=batch_size, device=device, voxel_size_um=case.voxel_size_um,
             model_voxel_size_um=model_voxel_size_um, return_logits=True, progress=False,
         )
