@@ -116,7 +116,7 @@ def test_unknown_volume_names_the_available_ones(data_root, tmp_path):
         train(tiny_config(data_root, tmp_path / "x", train_volumes=["kidney_9"]))
 
 
-def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_path):
+def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_path, monkeypatch):
     from vessel_kit.models import read_checkpoint_metadata
 
     result = train(tiny_config(data_root, tmp_path / "run", epochs=1, val_voxel_sizes_um=[63.08]))
@@ -127,6 +127,9 @@ def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_pa
     # The final threshold is calibrated on every axis, as inference predicts by default.
     assert header["threshold"] == header["metrics"]["val_threshold_3axes"]
     assert header["metrics"]["val_threshold"] == record["val_threshold"]
+    # A rerun of the finished run resumes with nothing to do: no second calibration pass.
+    monkeypatch.setattr(train_module, "_calibrate_on_every_axis", lambda *args: pytest.fail("calibrated twice"))
+    train(tiny_config(data_root, tmp_path / "run", epochs=1, val_voxel_sizes_um=[63.08]))
     with pytest.raises(ValueError, match="val_voxel_sizes_um must be positive"):
         tiny_config(data_root, tmp_path / "bad", val_voxel_sizes_um=[0])
 

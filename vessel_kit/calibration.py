@@ -19,7 +19,7 @@ from .metric import surface_dice
 # Candidate probabilities: dense at the low end, where thin and resampled vessels are decided.
 THRESHOLD_GRID = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9)
 
-__all__ = ["THRESHOLD_GRID", "best_threshold_row", "calibrate_threshold", "threshold_scores"]
+__all__ = ["THRESHOLD_GRID", "best_threshold_row", "calibrate_threshold", "logit", "threshold_scores"]
 
 
 def threshold_scores(
@@ -35,10 +35,15 @@ def threshold_scores(
         raise ValueError(f"threshold grid must hold probabilities in (0, 1), got {list(grid)}")
     scores = np.empty((len(grid), len(logits)))
     for row, probability in enumerate(grid):
-        cut = np.float16(math.log(probability / (1 - probability)))
+        cut = np.float16(logit(probability))
         for column, (volume, truth) in enumerate(zip(logits, truths, strict=True)):
             scores[row, column] = surface_dice(truth, volume > cut)
     return scores
+
+
+def logit(probability: float) -> float:
+    """The logit that a probability threshold cuts at: masks compare logits, never sigmoids."""
+    return math.log(probability / (1 - probability))
 
 
 def calibrate_threshold(

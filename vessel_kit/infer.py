@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .axes import AXES, SLICE_AXIS
+from .calibration import logit
 from .devices import usable_devices
 from .infer_options import check_infer_options
 from .models import load_checkpoint, model_stride, read_checkpoint_metadata
@@ -278,7 +279,7 @@ def infer_volume(
             return accumulator
         return resample_volume(accumulator, volume.shape, dtype=np.float16)
     if hysteresis is not None:
-        mask = hysteresis_threshold(logit_slices, volume.shape, *(_logit(p) for p in hysteresis), out=out)
+        mask = hysteresis_threshold(logit_slices, volume.shape, *(logit(p) for p in hysteresis), out=out)
     else:
         mask = _threshold(logit_slices, volume.shape, threshold, top_fraction, out)
     return remove_small_components(mask, min_component_size, out=mask) if min_component_size > 1 else mask
@@ -483,7 +484,7 @@ def _threshold(logit_slices, shape, threshold: float, top_fraction: float | None
     fraction of voxels (from a histogram of the float16 bit patterns)."""
     out = mask_output(out, shape)
     if top_fraction is None:
-        cut = np.float16(_logit(threshold))
+        cut = np.float16(logit(threshold))
         for z, logits in enumerate(logit_slices()):
             np.greater(logits, cut, out=out[z])
         return out
@@ -608,10 +609,6 @@ def _pad_to(stack: np.ndarray, height: int, width: int) -> np.ndarray:
 def _check_finite(plane: np.ndarray, axis: str, index: int) -> None:
     if not np.isfinite(plane).all():
         raise FloatingPointError(f"non-finite logits on {axis} plane {index}: the model produced NaN or inf")
-
-
-def _logit(probability: float) -> float:
-    return math.log(probability / (1 - probability))
 
 
 def _round_up(value: int, multiple: int) -> int:

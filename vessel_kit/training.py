@@ -314,12 +314,19 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
         _plot_curves(history, out_dir / "curves.png")
         if config.progress:
             tqdm.write(_format_record(record))
-    if val_cases and config.val_threshold is None and best["epoch"] >= 0:
-        _calibrate_on_every_axis(out_dir / "best.safetensors", val_cases, config, device)
+    best_path = out_dir / "best.safetensors"
+    if val_cases and config.val_threshold is None and best["epoch"] >= 0 and not _calibrated_on_every_axis(best_path):
+        _calibrate_on_every_axis(best_path, val_cases, config, device)
     return TrainResult(
         best_score=best["score"], best_epoch=best["epoch"], best_checkpoint=out_dir / "best.safetensors",
         last_checkpoint=out_dir / "last.safetensors", history=history,
     )
+
+
+def _calibrated_on_every_axis(checkpoint: Path) -> bool:
+    """Whether ``_calibrate_on_every_axis`` already rewrote this checkpoint (a rerun of a finished
+    run, or one whose best epoch did not change, need not predict the validation volumes again)."""
+    return "val_threshold_3axes" in read_checkpoint_metadata(checkpoint)["metrics"]
 
 
 def _calibrate_on_every_axis(checkpoint: Path, cases, config: TrainConfig, device: torch.device) -> None:

@@ -10,14 +10,13 @@ checkpoint and its threshold are chosen on both resolutions.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .calibration import THRESHOLD_GRID, best_threshold_row, threshold_scores
+from .calibration import THRESHOLD_GRID, best_threshold_row, logit, threshold_scores
 from .data import TrainVolume, vessel_mask
 from .infer import RESCALE_TOLERANCE, infer_volume
 from .metric import dice
@@ -90,7 +89,7 @@ def validate(
     scores = threshold_scores(logits, truths, grid)
     best = best_threshold_row(scores, grid)
     chosen = float(grid[best])
-    cut = np.float16(math.log(chosen / (1 - chosen)))
+    cut = np.float16(logit(chosen))
     record = {"val_threshold": chosen}
     for case, score, volume_logits in zip(cases, scores[best], logits, strict=True):
         record[f"val_surface_dice_{case.name}"] = float(score)
