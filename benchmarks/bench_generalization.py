@@ -183,10 +183,12 @@ def train_model(root: Path, out_dir: Path, train: list[str], val: list[str], arg
     from vessel_kit.models import read_checkpoint_metadata
     from vessel_kit.training import TrainConfig, train as run_training
 
-    options = {"recipe": "synthetic_cpu", "data_root": str(root), "out_dir": str(out_dir), "train_volumes": train,
+    options = {"base": "synthetic_cpu", "data_root": str(root), "out_dir": str(out_dir), "train_volumes": train,
                "val_volumes": val, "volume_weights": {}, "progress": False}
-    options.update({option: getattr(args, option) for option in ("epochs", "crops_per_epoch")
-                    if getattr(args, option) is not None})
+    if args.epochs is not None:
+        options["epochs"] = args.epochs
+    if args.crops_per_epoch is not None:
+        options["crops"] = {"crops_per_epoch": args.crops_per_epoch}
     result = run_training(TrainConfig.from_dict(options))
     metadata = read_checkpoint_metadata(result.best_checkpoint)
     return result.best_checkpoint, {

@@ -178,3 +178,25 @@ def test_train_passes_overwrite(dataset, tmp_path, monkeypatch):
     assert main(["train", "--config", str(config)]) == 0
     assert main(["train", "--config", str(config), "--overwrite"]) == 0
     assert calls == [(str(tmp_path / "run"), False), (str(tmp_path / "run"), True)]
+
+
+def test_infer_flags_cover_every_inference_option():
+    """The flags are generated from InferConfig: a new field without a flag fails here."""
+    from vessel_kit.infer_config import InferConfig
+
+    assert set(cli.INFER_FLAGS) | set(cli.COMMAND_SET_FIELDS) == set(InferConfig.field_names())
+    parser = cli._build_parser()
+    args = parser.parse_args(["infer", "d", "c.safetensors", "--tile-size", "32,64,64", "--axis-weights", "xy=2,yz=1",
+                              "--reverse-slices", "true", "--hysteresis", "0.6,0.3"])
+    assert cli._infer_options(args) == {"tile_size": (32, 64, 64), "axis_weights": {"xy": 2.0, "yz": 1.0},
+                                        "reverse_slices": True, "hysteresis": (0.6, 0.3)}
+    assert InferConfig.from_dict(cli._infer_options(args)).tile_size == (32, 64, 64)
+
+
+def test_an_inference_config_file_is_checked_as_parsed(dataset, checkpoint, tmp_path, capsys, reads):
+    bad = tmp_path / "infer.yaml"
+    bad.write_text("tta: none\ntiles: 3\n")
+    with pytest.raises(SystemExit):
+        main(["infer", str(dataset), str(checkpoint), "--config", str(bad)])
+    err = capsys.readouterr().err
+    assert f"argument --config: {bad}: unknown inference options ['tiles']; valid: ['axes'" in err and reads == []

@@ -15,7 +15,7 @@ from vessel_kit.infer import infer_volume, load_ensemble
 from vessel_kit.models import ModelConfig, build_model, save_checkpoint
 from vessel_kit.normalize import Normalization
 from vessel_kit.resample import resample_volume
-from vessel_kit.tiling import gaussian_importance, plane_normaliser, window_starts
+from vessel_kit.tiling import gaussian_importance, window_normaliser, window_starts
 from vessel_kit.tta import tta_views
 
 UNIT = Normalization("unit")
@@ -170,7 +170,7 @@ def test_rescaled_inference_returns_the_original_shape():
 
 
 def test_nearly_equal_voxel_sizes_are_not_resampled(volume, monkeypatch):
-    import vessel_kit.infer as infer_module
+    import vessel_kit.predictor as infer_module
 
     def fail(*args, **kwargs):
         raise AssertionError("resampled")
@@ -295,5 +295,32 @@ def test_tiling_helpers():
     assert window_starts(20, 32, 16) == [0]
     importance = gaussian_importance((32, 32))
     assert importance.max() == 1.0 and importance.min() > 0
-    normaliser = plane_normaliser((100, 40), (32, 32), (window_starts(100, 32, 16), window_starts(40, 32, 16)), importance)
+    starts = (window_starts(100, 32, 16), window_starts(40, 32, 16))
+    normaliser = window_normaliser((100, 40), (32, 32), starts)
     assert normaliser.shape == (100, 40) and normaliser.min() > 0
+    brute = np.zeros((100, 40), np.float64)  # the separable sum equals accumulating every window
+    for y in starts[0]:
+        for x in starts[1]:
+            brute[y : y + 32, x : x + 32] += importance
+    np.testing.assert_allclose(normaliser, brute, rtol=1e-5)
+
+
+def test_window_normaliser_is_separable_in_3d():
+    shape, tile = (20, 30, 25), (8, 16, 16)
+    starts = [window_starts(n, t, t // 2) for n, t in zip(shape, tile)]
+    importance = gaussian_importance(tile)
+    assert importance.shape == tile and importance.max() == 1.0 and importance.min() > 0
+    brute = np.zeros(shape, np.float64)
+    for z in starts[0]:
+        for y in starts[1]:
+            for x in starts[2]:
+                brute[z : z + 8, y : y + 16, x : x + 16] += importance
+    np.testing.assert_allclose(window_normaliser(shape, tile, starts), brute, rtol=1e-5)
+    counts = np.zeros(shape, np.int64)
+    for z in starts[0]:
+        for y in starts[1]:
+            for x in starts[2]:
+                counts[z : z + 8, y : y + 16, x : x + 16] += 1
+    np.testing.assert_array_equal(window_normaliser(shape, tile, starts, gaussian=False), counts)
+    with pytest.raises(ValueError, match="one entry per dimension"):
+        window_normaliser(shape, tile[:2], starts)

@@ -1,4 +1,5 @@
-"""Model building, the input-size rule, local encoder weights, checkpoints, training state and EMA."""
+"""Model building, the architecture registry, the input-size rule, local encoder weights,
+checkpoints, training state and EMA."""
 
 from __future__ import annotations
 
@@ -15,19 +16,19 @@ from torch import nn
 
 import vessel_kit
 from vessel_kit import models
+from vessel_kit.ema import ModelEMA
 from vessel_kit.models import (
     ModelConfig,
-    ModelEMA,
     build_model,
     build_model_from_config,
     load_checkpoint,
-    load_training_state,
     model_stride,
     read_checkpoint_metadata,
+    register_architecture,
     save_checkpoint,
-    save_training_state,
 )
 from vessel_kit.normalize import Normalization
+from vessel_kit.training_state import load_training_state, save_training_state
 
 torch.set_num_threads(2)
 
@@ -67,7 +68,7 @@ def trained(config) -> nn.Module:
 @pytest.mark.parametrize("in_chans", [1, 3, 5])
 def test_each_arch_maps_to_one_logit_channel(arch, in_chans):
     model = build_model(arch, "resnet18", in_chans)
-    assert isinstance(model, models.ARCHITECTURES[arch])
+    assert isinstance(model, models.SMP_ARCHITECTURES[arch])
     assert model.encoder.conv1.in_channels == in_chans
     out = _forward(model, 2, in_chans, 64)
     assert out.shape == (2, 1, 64, 64) and out.dtype == torch.float32
@@ -428,3 +429,107 @@ def test_training_state_errors(tmp_path):
     garbage.write_bytes(os.urandom(1024))
     with pytest.raises(ValueError, match="not a readable training state"):
         load_training_state(garbage, model)
+
+
+# --- the architecture registry ---------------------------------------------------------------
+
+
+class _PlaneNet(nn.Module):
+    """A non-smp architecture: one conv, with an ``encoder`` so encoder weights can load."""
+
+    def __init__(self, in_chans: int, width: int) -> None:
+        super().__init__()
+        self.encoder = nn.Conv2d(in_chans, width, 3, padding=1)
+        self.head = nn.Conv2d(width, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+@pytest.fixture
+def plane_net(monkeypatch):
+    """``plane_net`` registered for this test only; its width comes from model_kwargs."""
+    monkeypatch.setattr(models, "ARCHITECTURES", dict(models.ARCHITECTURES))
+    checked = []
+
+    def check(config: ModelConfig) -> None:
+        checked.append(config.encoder)
+        if config.encoder != "none":
+            raise ValueError(f"plane_net has no encoder choice, got {config.encoder!r}")
+
+    register_architecture("Plane_Net", lambda config: _PlaneNet(config.in_chans, **config.model_kwargs), check=check)
+    return checked
+
+
+def test_a_registered_architecture_builds_checks_and_round_trips(tmp_path, plane_net):
+    config = ModelConfig(arch="plane_net", encoder="none", in_chans=3, tile_size=64, model_kwargs={"width": 4})
+    assert plane_net == ["none"]  # checked when the config is made, not at build time
+    model = build_model_from_config(config)
+    assert isinstance(model, _PlaneNet) and model_stride(model) == models.DEFAULT_STRIDE
+    assert _forward(model, 2, 3, 64).shape == (2, 1, 64, 64)
+    path = save_checkpoint(tmp_path / "plane.safetensors", model, config)
+    loaded, loaded_config = load_checkpoint(path)
+    assert loaded_config == config and isinstance(loaded, _PlaneNet)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="plane_net has no encoder choice, got 'resnet18'"):
+        ModelConfig(arch="plane_net", encoder="resnet18")
+    # Encoder weights load into the module's encoder.
+    weights = tmp_path / "encoder.pth"
+    torch.save(_PlaneNet(3, 4).encoder.state_dict(), weights)
+    assert build_model_from_config(config, encoder_weights=weights).encoder.weight.shape == (4, 3, 3, 3)
+
+
+def test_registering_twice_needs_replace(plane_net):
+    with pytest.raises(ValueError, match="'PLANE_NET' is registered already; pass replace=True"):
+        register_architecture("PLANE_NET", lambda config: nn.Identity())
+    register_architecture("plane_net", lambda config: "not a module", replace=True)
+    with pytest.raises(TypeError, match="returned a str, not a module"):
+        build_model("plane_net", "none")
+    with pytest.raises(ValueError, match="must be callables"):
+        register_architecture("other", "unet")
+
+
+def test_a_checkpoint_of_an_unregistered_architecture_says_so(tmp_path, plane_net, monkeypatch):
+    config = ModelConfig(arch="plane_net", encoder="none", tile_size=64, model_kwargs={"width": 2})
+    path = save_checkpoint(tmp_path / "plane.safetensors", build_model_from_config(config), config)
+    monkeypatch.delitem(models.ARCHITECTURES, "plane_net")
+    with pytest.raises(ValueError, match="unknown architecture 'plane_net'.*register_architecture"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("in_chans", [0, 2, 4, True, 3.0])
+def test_in_chans_must_be_odd_wherever_a_model_is_made(in_chans):
+    with pytest.raises(ValueError, match=r"in_chans must be odd \(1, 3, 5, ...\)"):
+        ModelConfig(encoder="resnet18", in_chans=in_chans)
+    with pytest.raises(ValueError, match="in_chans must be odd"):
+        build_model("unet", "resnet18", in_chans=in_chans)
+
+
+def test_a_checkpoint_with_even_in_chans_is_refused(tmp_path, config, trained):
+    path = save_checkpoint(tmp_path / "m.safetensors", trained, config)
+    header = read_checkpoint_metadata(path)
+    header["config"] = {**header["config"].to_dict(), "in_chans": 2}
+    tensors = {k: v.contiguous() for k, v in trained.state_dict().items()}
+    save_file(tensors, str(path), metadata={"vessel_kit": json.dumps(header)})
+    with pytest.raises(ValueError, match="bad vessel_kit checkpoint metadata: in_chans must be odd"):
+        load_checkpoint(path)
+
+
+def test_spatial_dims(tmp_path, config, trained):
+    assert config.spatial_dims == 2 and config.to_dict()["spatial_dims"] == 2
+    with pytest.raises(ValueError, match=r"spatial_dims must be one of \(2, 3\), got 4"):
+        ModelConfig(encoder="resnet18", spatial_dims=4)
+    with pytest.raises(ValueError, match="'unet' \\(segmentation_models_pytorch\\) is 2D"):
+        ModelConfig(encoder="resnet18", spatial_dims=3)
+    # A checkpoint written before spatial_dims existed loads as 2D.
+    path = save_checkpoint(tmp_path / "old.safetensors", trained, config)
+    header = read_checkpoint_metadata(path)
+    old_config = header["config"].to_dict()
+    del old_config["spatial_dims"]
+    header["config"] = old_config
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path),
+              metadata={"vessel_kit": json.dumps(header)})
+    assert load_checkpoint(path)[1] == config
+

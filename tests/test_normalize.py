@@ -71,3 +71,18 @@ def test_round_trip_and_errors(volume):
         Normalization().window(np.zeros((0, 3, 3), np.uint16))
     with pytest.raises(ValueError, match="numeric image volume, got dtype bool"):
         Normalization().window(np.zeros((2, 3, 3), bool))
+
+
+def test_window_reads_through_any_source(tmp_path, volume):
+    from vessel_kit.sources import ArraySource, TiffStackSource
+    from vessel_kit.volume import write_volume
+
+    small = volume[:12, :40, :30]
+    write_volume(small, tmp_path / "images")
+    norm = Normalization("percentile", max_samples=5_000)
+    expected = norm.window(small)
+    assert norm.window(ArraySource(small)) == expected
+    assert norm.window(TiffStackSource(tmp_path / "images")) == expected
+    assert norm.window(str(tmp_path / "images")) == expected
+    assert norm.window(small[3]) == norm.window(small[3:4])  # a single (Y, X) image
+    assert Normalization("unit").window(TiffStackSource(tmp_path / "images")) == (0.0, 65535.0)

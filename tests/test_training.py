@@ -1,5 +1,6 @@
 """End-to-end training on a tiny synthetic dataset: loss goes down, checkpoints rebuild, resume
-continues exactly where an interrupted run stopped, pseudo-labels feed training, YAML configs."""
+continues exactly where an interrupted run stopped (also a run started before configs had
+sections), pseudo-labels feed training, YAML configs, registered architectures and optimisers."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
+from torch import nn
 
+from vessel_kit import models
 from vessel_kit import training as train_module
 from vessel_kit.layout import find_volumes
-from vessel_kit.models import load_checkpoint
+from vessel_kit.models import load_checkpoint, register_architecture
 from vessel_kit.pseudo import make_pseudo_labels
 from vessel_kit.synth import make_synthetic_dataset
 from vessel_kit.training import TrainConfig, train
@@ -22,12 +26,13 @@ def data_root(tmp_path_factory):
     return make_synthetic_dataset(tmp_path_factory.mktemp("train") / "data", scale=0.3, progress=False)
 
 
-def tiny_config(data_root, out_dir, **overrides) -> TrainConfig:
+def tiny_config(data_root, out_dir, *, crops_per_epoch=16, **overrides) -> TrainConfig:
     options = dict(
         data_root=str(data_root), out_dir=str(out_dir), train_volumes=["kidney_1_dense"],
-        val_volumes=["kidney_3_dense"], encoder="resnet18", in_chans=3, crop_size=64,
-        crops_per_epoch=16, batch_size=4, epochs=2, lr=2e-3, num_workers=0, augment="light",
-        loss=[{"name": "dice", "weight": 0.5}, {"name": "bce", "weight": 0.5}], ema_decay=0.9, progress=False,
+        val_volumes=["kidney_3_dense"], model={"encoder": "resnet18", "in_chans": 3},
+        crops={"crop_size": 64, "crops_per_epoch": crops_per_epoch, "augment": "light"},
+        batch_size=4, epochs=2, optim={"lr": 2e-3, "ema_decay": 0.9}, num_workers=0,
+        loss=[{"name": "dice", "weight": 0.5}, {"name": "bce", "weight": 0.5}], progress=False,
     )
     options.update(overrides)
     return TrainConfig(**options)
@@ -88,22 +93,22 @@ def test_pseudo_labels_train_an_unlabelled_volume(data_root, tmp_path):
 
 def test_config_from_yaml_and_errors(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text("data_root: /data\nepochs: 3\nencoder: resnet18\naxes: {xy: 1.0}\n")
+    path.write_text("data_root: /data\nepochs: 3\nmodel: {encoder: resnet18}\ncrops: {axes: {xy: 1.0}}\n")
     config = TrainConfig.from_yaml(path)
-    assert (config.epochs, config.encoder, config.axes) == (3, "resnet18", {"xy": 1.0})
+    assert (config.epochs, config.model.encoder, config.crops.axes) == (3, "resnet18", {"xy": 1.0})
     path.write_text("data_root: /data\nepoch: 3\n")
     with pytest.raises(ValueError, match="unknown training options \\['epoch'\\]"):
         TrainConfig.from_yaml(path)
     recipe = TrainConfig.from_dict({"recipe": "synthetic_cpu", "data_root": "/d", "epochs": 2})
-    assert (recipe.encoder, recipe.in_chans, recipe.epochs) == ("resnet18", 3, 2)
+    assert (recipe.model.encoder, recipe.model.in_chans, recipe.epochs) == ("resnet18", 3, 2)
     with pytest.raises(ValueError, match=r"unknown recipe 'fast'; recipes: \['kaggle_2p5d', 'synthetic_cpu'\]"):
         TrainConfig.from_dict({"recipe": "fast", "data_root": "/d"})
     with pytest.raises(ValueError, match="in both train_volumes and val_volumes"):
         TrainConfig(data_root="/d", train_volumes=["a"], val_volumes=["a"])
     with pytest.raises(ValueError, match="crop_size must be a positive multiple of 32"):
-        TrainConfig(data_root="/d", crop_size=100)
+        TrainConfig(data_root="/d", crops={"crop_size": 100})
     with pytest.raises(ValueError, match="normalization mode must be one of"):
-        TrainConfig(data_root="/d", normalization={"mode": "minmax"})
+        TrainConfig(data_root="/d", model={"normalization": {"mode": "minmax"}})
 
 
 def test_validation_on_trained_images_is_refused(data_root, tmp_path):
@@ -139,13 +144,63 @@ def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_pa
     ({"batch_size": 2.5}, "training option batch_size must be int"),
     ({"resume": "yes"}, "training option resume must be bool"),
     ({"val_threshold": True}, "training option val_threshold must be float | None"),
-    ({"lr": -1.0}, "lr must be a finite number"),
-    ({"lr": float("nan")}, "lr must be a finite number"),
-    ({"ema_decay": 1.5}, "ema_decay must be in \\(0, 1\\)"),
+    ({"optim": {"lr": -1.0}}, "lr must be a finite number"),
+    ({"optim": {"lr": float("nan")}}, "lr must be a finite number"),
+    ({"optim": {"ema_decay": 1.5}}, "ema_decay must be in \\(0, 1\\)"),
     ({"num_workers": -1}, "num_workers must be >= 0"),
-    ({"rotate_p": 1.5}, "rotate_p is a probability"),
-    ({"zoom_range": [1.2, 0.8]}, "zoom_range must be \\(low, high\\)"),
+    ({"crops": {"rotate_p": 1.5}}, "rotate_p is a probability"),
+    ({"crops": {"zoom_range": [1.2, 0.8]}}, "zoom_range must be \\(low, high\\)"),
+    ({"crops": {"crop_size": "big"}}, "training option crops.crop_size must be int, got 'big'"),
+    ({"optim": {"accumulate_steps": 2.0}}, "training option optim.accumulate_steps must be int"),
+    ({"model": {"in_chans": 4}}, "in_chans must be odd"),
+    ({"model": {"encoder": "resnet-18"}}, "unknown encoder 'resnet-18'"),
+    ({"crops": {"crops_per_epoch": 8}}, "crops.crops_per_epoch \\(8\\) must hold at least one optimiser step"),
 ])
 def test_bad_option_values_are_named(option, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(data_root="/d", **option)
+
+
+class _TinyNet(nn.Module):
+    """A registered non-smp architecture: a few convolutions."""
+
+    def __init__(self, in_chans: int, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 1, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_a_registered_architecture_and_optimiser_train_from_a_config(data_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "ARCHITECTURES", dict(models.ARCHITECTURES))
+    register_architecture("tiny_net", lambda config: _TinyNet(config.in_chans, **config.model_kwargs))
+    config = TrainConfig.from_dict({
+        **tiny_config(data_root, tmp_path / "run", epochs=1).to_dict(),
+        "model": {"arch": "tiny_net", "encoder": "none", "in_chans": 3, "model_kwargs": {"width": 4}},
+        "optim": {"optimizer": "sgd", "lr": 1e-2, "scheduler": "cosine", "scheduler_kwargs": {"eta_min": 1e-4},
+                  "ema_decay": None},
+    })
+    result = train(config)
+    assert result.history[0]["lr"] == pytest.approx(1e-4)  # the cosine schedule ran to its end
+    model, model_config = load_checkpoint(result.best_checkpoint)
+    assert isinstance(model, _TinyNet) and model_config.model_kwargs == {"width": 4}
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["arch"] == "tiny_net"
+
+
+def test_a_run_with_a_flat_config_yaml_resumes(tmp_path):
+    """A run folder written before configs had sections still resumes with the same options."""
+    config = TrainConfig.from_dict({"base": "synthetic_cpu", "data_root": "/d", "out_dir": str(tmp_path)})
+    flat = {key: value for key, value in config.to_dict().items() if key not in ("model", "crops", "optim")}
+    for section in ("model", "crops", "optim"):
+        flat.update(config.to_dict()[section])
+    for new in ("spatial_dims", "max_foreground_points", "optimizer", "optimizer_kwargs", "scheduler", "scheduler_kwargs"):
+        del flat[new]  # options the older version did not have
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(flat))
+    (tmp_path / "state.pt").write_bytes(b"x")
+    canonical = train_module._canonical_config
+    assert train_module.claim_run_dir(tmp_path, config.to_dict(), canonical=canonical) == "resume"
+    other = TrainConfig.from_dict({**config.to_dict(), "crops": {**config.to_dict()["crops"], "crop_size": 96}})
+    with pytest.raises(ValueError, match=r"another config \(crops.crop_size: 128 -> 96\)"):
+        train_module.claim_run_dir(tmp_path, other.to_dict(), canonical=canonical)
+

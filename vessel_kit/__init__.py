@@ -1,11 +1,13 @@
 """vessel_kit: blood-vessel segmentation of 3D HiP-CT kidney scans (SenNet + HOA).
 
 The public API, re-exported explicitly. Arrays are (Z, Y, X) = (slice, row, column) everywhere.
-I/O, RLE and the metric import eagerly (numpy only); the deep-learning parts (torch, smp, timm,
-albumentations, ~2 s to import) load on first use, so scoring and file work stay fast to start.
+I/O (``volume``, ``layout``), normalisation, RLE and the metric import eagerly, with numpy,
+pandas, tifffile, opencv and tqdm; the deep-learning parts (torch, smp, timm, albumentations,
+~2 s to import: ``_LAZY`` below) load on first use, so scoring and file work stay fast to start.
 """
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 from .layout import KNOWN_VOXEL_SIZES_UM, VolumeInfo, find_volumes
 from .metric import SurfaceDiceAccumulator, dice, score_submission, surface_dice
@@ -30,12 +32,16 @@ _LAZY = {
     "CropDataset": "data",
     "TrainVolume": "data",
     "cache_volume": "data",
-    "Ensemble": "infer",
+    "DeadlineWarning": "deadline",
+    "Ensemble": "ensemble",
+    "InferConfig": "infer_config",
+    "LogitVolume": "predictor",
+    "Predictor": "predictor",
     "infer_volume": "infer",
-    "load_ensemble": "infer",
+    "load_ensemble": "ensemble",
     "build_loss": "losses",
     "ModelConfig": "models",
-    "ModelEMA": "models",
+    "ModelEMA": "ema",
     "build_model": "models",
     "load_checkpoint": "models",
     "save_checkpoint": "models",
@@ -52,6 +58,24 @@ _LAZY = {
     "TrainConfig": "training",
     "train": "training",
 }
+
+if TYPE_CHECKING:  # what IDEs and type checkers see of the lazy names
+    from .bundle import Bundle, read_bundle
+    from .data import CropConfig, CropDataset, TrainVolume, cache_volume
+    from .deadline import DeadlineWarning
+    from .devices import usable_devices
+    from .ensemble import Ensemble, load_ensemble
+    from .infer import infer_volume
+    from .infer_config import InferConfig
+    from .losses import build_loss
+    from .models import ModelConfig, ModelEMA, build_model, load_checkpoint, save_checkpoint
+    from .postprocess import remove_small_components
+    from .predictor import LogitVolume, Predictor
+    from .pseudo import make_pseudo_labels
+    from .qc import qc_report
+    from .submit import predict_submission, write_empty_submission
+    from .synth import make_synthetic_dataset, make_synthetic_volume
+    from .training import TrainConfig, train
 
 
 def __getattr__(name: str):

@@ -130,8 +130,8 @@ def build_bundle(
 ) -> Bundle:
     """Build the dataset folder ``out`` (replacing a previous bundle there) and return it verified.
 
-    Every check runs before ``out`` is touched: ``infer_options`` must pass ``infer_volume``'s
-    validator (names and values; the options ``predict_submission`` sets itself are refused),
+    Every check runs before ``out`` is touched: ``infer_options`` must be valid ``InferConfig``
+    options (names and values; the options ``predict_submission`` sets itself are refused),
     checkpoints must rebuild, every pinned wheel must be in ``wheelhouse`` (downloaded there
     first unless ``download`` is False) and the vessel_kit wheel must build. The folder is built
     and verified under a temporary name beside ``out`` (removed on any error or interrupt), then
@@ -328,16 +328,16 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 def _check_infer_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options ``predict_submission`` will pass on, checked by ``infer_volume``'s own validator,
-    as plain JSON values for the manifest."""
-    from .infer_options import check_infer_options
+    """The options ``predict_submission`` will pass on, checked as an ``InferConfig`` (the one
+    schema of inference options), as plain JSON values for the manifest."""
+    from .infer_config import InferConfig
     from .submit import RESERVED_OPTIONS
 
     reserved = sorted(set(options) & RESERVED_OPTIONS.keys())
     if reserved:
         raise ValueError("inference options set by predict_submission, not the bundle: "
                          + ", ".join(f"{o} (its {RESERVED_OPTIONS[o]})" for o in reserved))
-    check_infer_options(options)
+    InferConfig.from_dict(options)
     try:
         return json.loads(json.dumps(dict(options)))
     except TypeError as error:

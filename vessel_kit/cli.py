@@ -1,4 +1,4 @@
-"""The ``vessel-kit`` command line: ``synth``, ``train``, ``infer``, ``score``, ``validate``, ``demo``.
+"""The ``vessel-kit`` command line: ``synth``, ``train``, ``recipes``, ``infer``, ``score``, ``validate``, ``demo``.
 
 A thin layer: parse arguments, call the library, print results. Bad input and file-system
 errors (a missing or unwritable path, a full disk) surface as a one-line ``error: ...`` message
@@ -70,26 +70,17 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="replace the run files in out_dir (a run with another config, or without state.pt)")
     train.set_defaults(run=_run_train)
 
+    recipes = commands.add_parser("recipes", help="list the training recipes (base: NAME) and inference presets (infer --config NAME)")
+    recipes.set_defaults(run=_run_recipes)
+
     infer = commands.add_parser("infer", help="predict every test volume of a Kaggle layout into a submission")
     infer.add_argument("data_root", type=Path, help="dataset root holding test/<volume>/images")
     infer.add_argument("checkpoints", type=Path, nargs="+", help="one or more .safetensors checkpoints (an ensemble)")
     infer.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV (default submission.csv)")
     infer.add_argument("--split", default="test", choices=("train", "test"), help="which split to predict (default test)")
-    infer.add_argument("--axes", default="xy,xz,yz", type=_checked("axes", _comma_list),
-                       help="comma-separated axes (default xy,xz,yz)")
-    infer.add_argument("--tta", default="flips", type=_checked("tta", str), help="none, flips or d4 (default flips)")
-    infer.add_argument("--tile-size", type=_checked("tile_size", int), default=None,
-                       help="tile side (default: the checkpoint's)")
-    infer.add_argument("--overlap", type=_checked("overlap", float), default=0.5)
-    infer.add_argument("--batch-size", type=_checked("batch_size", int), default=8)
-    infer.add_argument("--threshold", type=_checked("threshold", float), default=None,
-                       help="probability threshold (default: the checkpoints' calibrated one, else 0.5)")
-    infer.add_argument("--hysteresis", type=_checked("hysteresis", _float_pair), default=None, metavar="HIGH,LOW",
-                       help="instead: voxels above HIGH seed the mask, which grows in 3D through voxels above LOW")
-    infer.add_argument("--top-fraction", type=_checked("top_fraction", float), default=None,
-                       help="keep this fraction of voxels instead")
-    infer.add_argument("--min-component-size", type=_checked("min_component_size", int), default=0,
-                       help="drop 3D components smaller than this")
+    infer.add_argument("--config", type=_checked_config, default=None,
+                       help="inference preset (see vessel-kit recipes) or YAML file of InferConfig options; flags override it")
+    _add_infer_config_flags(infer)
     infer.add_argument("--time-budget", type=_checked("time_budget_s", float), default=None,
                        help="seconds (> 0); later volumes get empty masks past it")
     infer.add_argument("--device", default=None,
@@ -120,6 +111,36 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_infer_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--<field>`` for every InferConfig field in ``INFER_FLAGS``, each checked as parsed."""
+    from .infer_config import InferConfig
+
+    defaults = InferConfig().to_dict()
+    for name in InferConfig.field_names():
+        if name in COMMAND_SET_FIELDS:
+            continue
+        convert, help_text = INFER_FLAGS[name]
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, type=_checked(name, convert), default=None,
+                            help=f"{help_text} (InferConfig.{name}; default {defaults[name]})")
+
+
+def _infer_options(args: argparse.Namespace) -> dict[str, object]:
+    """The InferConfig options given as flags."""
+    return {name: getattr(args, name) for name in INFER_FLAGS if getattr(args, name) is not None}
+
+
+def _checked_config(text: str) -> object:
+    """An argparse type: the InferConfig of a preset name or a YAML file (its errors name the
+    file and the key)."""
+    from .infer_config import InferConfig
+
+    try:
+        return InferConfig.load(text)
+    except (ValueError, OSError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _checked(name: str, convert: Callable[[str], object]) -> Callable[[str], object]:
     """An argparse type: ``convert`` the text, then check the value as ``predict_submission``'s
     option ``name``, so a bad value stops the command at once with the flag named."""
@@ -130,7 +151,8 @@ def _checked(name: str, convert: Callable[[str], object]) -> Callable[[str], obj
         try:
             value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {convert.__name__}, got {text!r}") from None
+            kind = convert.__name__.strip("_").replace("_", " ")  # float, int, comma list, float pair, ...
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
         try:
             check_submission_options({name: value})
         except ValueError as error:
@@ -146,6 +168,47 @@ def _comma_list(text: str) -> list[str]:
 
 def _float_pair(text: str) -> tuple[float, ...]:
     return tuple(float(item) for item in text.split(","))
+
+
+def _int_or_ints(text: str) -> int | tuple[int, ...]:
+    sides = tuple(int(item) for item in text.split(","))
+    return sides[0] if len(sides) == 1 else sides
+
+
+def _weights(text: str) -> dict[str, float]:
+    pairs = [item.split("=") for item in text.split(",")]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(text)
+    return {axis.strip(): float(weight) for axis, weight in pairs}
+
+
+def _boolean(text: str) -> bool:
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if text.lower() not in words:
+        raise ValueError(text)
+    return words[text.lower()]
+
+
+# One flag per InferConfig field (except device and progress, which the command sets itself):
+# how its text converts and what it means. Defaults are InferConfig's (a flag not given is not
+# passed on). tests/test_cli.py checks that this table covers every field.
+INFER_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
+    "axes": (_comma_list, "comma-separated axes, e.g. xy,xz,yz"),
+    "axis_weights": (_weights, "axis weights, e.g. xy=2,xz=1,yz=1 (default equal)"),
+    "tile_size": (_int_or_ints, "tile side, or D,H,W for 3D patches (default: the checkpoint's)"),
+    "overlap": (float, "fraction of a tile shared with its neighbour, in [0, 1)"),
+    "min_plane_side": (int, "skip an axis whose planes are thinner than this"),
+    "tta": (str, "test-time augmentation: none, flips or d4"),
+    "reverse_slices": (_boolean, "true: also feed the 2.5D slices in reverse order"),
+    "model_voxel_size_um": (float, "the models' voxel size in µm (default: the checkpoints')"),
+    "batch_size": (int, "tiles per batch"),
+    "amp": (_boolean, "true/false: float16 autocast on CUDA (default on)"),
+    "threshold": (float, "probability threshold (default: the checkpoints' calibrated one, else 0.5)"),
+    "hysteresis": (_float_pair, "HIGH,LOW: voxels above HIGH seed the mask, which grows in 3D through voxels above LOW"),
+    "top_fraction": (float, "keep this fraction of voxels instead of a threshold"),
+    "min_component_size": (int, "drop 3D components smaller than this"),
+}
+COMMAND_SET_FIELDS = ("device", "progress")  # --device is predict_submission's; progress always shows
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -164,14 +227,26 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_recipes(args: argparse.Namespace) -> int:
+    from .infer_config import list_infer_presets
+    from .recipes import list_recipes
+
+    for title, listing in (("training recipes (base: NAME)", list_recipes()),
+                           ("inference presets (vessel-kit infer --config NAME)", list_infer_presets())):
+        print(f"{title}:")
+        width = max(map(len, listing), default=0)
+        for name, description in listing.items():
+            print(f"  {name:<{width}}  {description}")
+    return 0
+
+
 def _run_infer(args: argparse.Namespace) -> int:
     from .submit import predict_submission
 
     status = predict_submission(
         args.data_root, args.checkpoints, args.out, split=args.split, time_budget_s=args.time_budget,
-        device=args.device, on_error=args.on_error, logits_dir=args.logits_dir, axes=args.axes, tta=args.tta,
-        tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, threshold=args.threshold,
-        hysteresis=args.hysteresis, top_fraction=args.top_fraction, min_component_size=args.min_component_size,
+        device=args.device, on_error=args.on_error, logits_dir=args.logits_dir, config=args.config,
+        **_infer_options(args),
     )
     print(f"submission written to {args.out}: " + ", ".join(f"{name} {state}" for name, state in status.items()))
     return 0
@@ -193,6 +268,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     """The built-in default job: synthesise a dataset, train the ``synthetic_cpu`` recipe, predict
     the test volumes, write and validate a submission, score it. Reruns reuse the dataset and
     resume the training."""
+    from .infer_config import InferConfig
     from .models import read_checkpoint_metadata
     from .qc import qc_report
     from .submit import predict_submission
@@ -203,15 +279,15 @@ def _run_demo(args: argparse.Namespace) -> int:
     data_root = args.out / "data"
     if not (data_root / "train").is_dir():
         make_synthetic_dataset(data_root, scale=args.scale, seed=args.seed)
-    options = {"recipe": "synthetic_cpu", "data_root": str(data_root), "out_dir": str(args.out / "run")}
+    options = {"base": "synthetic_cpu", "data_root": str(data_root), "out_dir": str(args.out / "run")}
     if args.quick:
-        options.update(epochs=1, crops_per_epoch=64)
+        options.update(epochs=1, crops={"crops_per_epoch": 64})
     if args.epochs:
         options["epochs"] = args.epochs
     result = train(TrainConfig.from_dict(options), overwrite=args.overwrite)
     submission, logits_dir = args.out / "submission.csv", args.out / "logits"
     status = predict_submission(data_root, [result.best_checkpoint], submission, logits_dir=logits_dir,
-                                tta="none")  # 3 axes; flips would cost 4x the time on 2 CPU cores
+                                config=InferConfig.load("cpu"))  # 3 axes; flips would cost 4x the time on 2 CPU cores
     scores = score_submission(data_root / "solution.csv", submission, progress=False)
     threshold = read_checkpoint_metadata(result.best_checkpoint)["threshold"]
     curves = qc_report(data_root, submission, logits_dir, args.out / "qc.png", threshold=threshold)

@@ -2,7 +2,8 @@
 
 ``Path.iterdir`` raises a bare ``PermissionError`` for an unreadable folder, and ``Path.is_file``
 answers False for a dangling or looping symbolic link, so a broken slice link would be skipped
-without a word. These two functions turn both into a ``ValueError`` that names the path.
+without a word. ``list_folder`` and ``path_kind`` turn both into a ``ValueError`` that names the
+path; ``existing_file`` is the one check of readers that need a file before opening it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Literal
 
 PathKind = Literal["file", "folder"]
 
-__all__ = ["list_folder", "path_kind"]
+__all__ = ["existing_file", "list_folder", "path_kind"]
 
 
 def list_folder(folder: Path, what: str) -> list[Path]:
@@ -58,3 +59,12 @@ def path_kind(path: Path) -> PathKind | None:
     if stat.S_ISREG(mode):
         return "file"
     raise ValueError(f"{path} is neither a file nor a folder (a device, pipe or socket)")
+
+
+def existing_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``; FileNotFoundError naming it when it is not a file (readers whose
+    library would report a missing file as some other error call this first)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return path

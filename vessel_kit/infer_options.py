@@ -112,6 +112,13 @@ def _hysteresis(value: object) -> str | None:
     return "must be (high, low) probabilities with 0 < low < high < 1"
 
 
+def _tile_size(value: object) -> str | None:
+    sides = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    if sides and len(sides) <= 3 and all(_int(side) and side >= 1 for side in sides):
+        return None
+    return "must be an int >= 1, or one such int per dimension (3 for 3D patches)"
+
+
 def _in_chans(value: object) -> str | None:
     return None if _int(value) and value >= 1 and value % 2 else "must be an odd int >= 1"
 
@@ -151,7 +158,7 @@ INFER_OPTIONS: dict[str, Callable[[object], str | None]] = {
     "axis_weights": _optional(_axis_weights),
     "tta": _choice(TTA_MODES),
     "reverse_slices": _boolean,
-    "tile_size": _optional(_int_at_least(1)),
+    "tile_size": _optional(_tile_size),
     "overlap": _overlap,
     "batch_size": _int_at_least(1),
     "in_chans": _optional(_in_chans),

@@ -8,19 +8,28 @@ voxel sizes.
 One quirk is handled here so no caller has to: ``kidney_3_dense`` ships labels only; its images are
 the same-named files in ``kidney_3_sparse/images``. In general a volume with labels but no images
 takes its images from the sibling volume whose image folder holds every label file name.
+
+Training reads its volumes by name through ``load_train_volumes`` (both splits; soft labels and a
+memmap cache optional), after ``check_no_shared_images`` refused validation volumes whose images
+are trained on.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .folders import list_folder, path_kind
 from .volume import read_labels, read_slice_header, read_volume, slice_files
+
+if TYPE_CHECKING:
+    from .data import TrainVolume
 
 SPLITS = ("train", "test")
 
@@ -35,7 +44,15 @@ KNOWN_VOXEL_SIZES_UM: dict[str, float] = {
     "kidney_6": 63.08,
 }
 
-__all__ = ["KNOWN_VOXEL_SIZES_UM", "VolumeInfo", "find_volumes"]
+__all__ = [
+    "KNOWN_VOXEL_SIZES_UM",
+    "VolumeInfo",
+    "check_no_shared_images",
+    "find_volumes",
+    "load_train_volumes",
+    "named_volumes",
+    "read_soft_labels",
+]
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,74 @@ def find_volumes(
         volumes.append(VolumeInfo(folder.name, image_paths, label_paths, sizes.get(folder.name)))
     if not volumes:
         raise FileNotFoundError(f"no volumes (folders with images/ or labels/) in {split_dir}")
+    return volumes
+
+
+def named_volumes(root: str | os.PathLike, names: Sequence[str]) -> list[VolumeInfo]:
+    """The named volumes of the train and test splits of ``root``, in the order named; a
+    ValueError lists the available names when one is not there."""
+    available = {}
+    for split in SPLITS:
+        if (Path(root) / split).is_dir():
+            available.update({v.name: v for v in find_volumes(root, split)})
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(f"volumes {missing} are not in {root}; available: {sorted(available)}")
+    return [available[n] for n in names]
+
+
+def check_no_shared_images(root: str | os.PathLike, train_names: Sequence[str], val_names: Sequence[str]) -> None:
+    """Refuse validation volumes whose image files are also trained on (kidney_3_dense's images
+    are kidney_3_sparse's): the validation score would be a training score."""
+    if not val_names:
+        return
+    trained = {p.resolve() for info in named_volumes(root, train_names) for p in info.image_paths}
+    for info in named_volumes(root, val_names):
+        shared = [p for p in info.image_paths if p.resolve() in trained]
+        if shared:
+            raise ValueError(
+                f"validation volume {info.name!r} shares {len(shared)} image files with the training "
+                f"volumes (e.g. {shared[0]}): validate on a volume that is not trained on"
+            )
+
+
+def read_soft_labels(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
+    """A ``.npy`` of uint8 soft labels (0..255) as a memmap, checked against the volume's ``shape``."""
+    labels = np.load(path, mmap_mode="r")
+    if labels.shape != tuple(shape) or labels.dtype != np.uint8:
+        raise ValueError(f"soft labels {path} are {labels.shape} {labels.dtype}; expected {tuple(shape)} uint8")
+    return labels
+
+
+def load_train_volumes(
+    root: str | os.PathLike,
+    names: Sequence[str],
+    *,
+    soft_labels: Mapping[str, str] | None = None,
+    volume_weights: Mapping[str, float] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> list[TrainVolume]:
+    """The named volumes of ``root`` with their targets: the ``.npy`` that ``soft_labels`` names
+    for a volume, else its labels. ``volume_weights`` (default 1) are their sampling weights.
+
+    Uses memmaps from ``cache_dir`` when set (written on first use), else reads into RAM.
+    """
+    from .data import TrainVolume, cache_volume  # data needs torch; this module stays numpy-only
+
+    soft_labels, volume_weights = soft_labels or {}, volume_weights or {}
+    volumes = []
+    for name, info in zip(names, named_volumes(root, names), strict=True):
+        if cache_dir:
+            images, labels = cache_volume(info, cache_dir, progress=progress)
+        else:
+            images = info.read_images(progress=progress)
+            labels = info.read_labels(progress=progress) if info.label_paths else None
+        target = read_soft_labels(soft_labels[name], images.shape) if name in soft_labels else labels
+        if target is None:
+            raise ValueError(f"volume {name!r} has no labels; give it soft labels in soft_labels")
+        weight = volume_weights.get(name, 1.0)
+        volumes.append(TrainVolume(name, images, target, weight=weight, voxel_size_um=info.voxel_size_um))
     return volumes
 
 

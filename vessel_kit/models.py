@@ -1,9 +1,11 @@
-"""Segmentation models: building, input-size rule, checkpoints, training state and weight EMA.
+"""Segmentation models: the architecture registry, building, input-size rule and checkpoints.
 
-A model is any ``torch.nn.Module`` mapping (B, C, H, W) float input to (B, 1, H, W) logits; the
-ones built here are segmentation_models_pytorch (smp) networks with one output class and no
-activation. Everything works offline: pretrained encoder weights are never downloaded, only read
-from a local file.
+A model is any ``torch.nn.Module`` mapping (B, C, H, W) float input to (B, 1, H, W) logits. It is
+built from a ``ModelConfig`` by the builder registered under its ``arch``
+(``register_architecture``); the built-in ones are segmentation_models_pytorch (smp) networks with
+one output class and no activation, and they check their own options (smp encoder names, 2D
+only). Everything works offline: pretrained encoder weights are never downloaded, only read from a
+local file.
 
 Input size: every side given to a model must be a multiple of ``model_stride(model)``; callers pad
 (the inference engine pads tiles up to it). For most encoders that is 32 (five 2x downsamplings;
@@ -17,19 +19,18 @@ relative-position tables, so weights pretrained at another size no longer load (
 
 Checkpoints are single ``.safetensors`` files: the model's tensors plus JSON metadata (the
 ``ModelConfig`` needed to rebuild the model, metrics, extra data and versions). Loading one runs no
-pickled code. Training state for resuming (optimizer, scheduler, EMA) is a ``torch.save`` file of
-plain tensors and containers, read back with ``weights_only=True``.
+pickled code. (Weight EMA and the training state for resuming live in ``ema.py`` and
+``training_state.py``.)
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,41 +44,92 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from .atomic import atomic_output
+from .folders import existing_file
 from .normalize import Normalization
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
+# The smp classes registered as architectures (below, after their builder).
+SMP_ARCHITECTURES: dict[str, type[nn.Module]] = {
     name: smp.MODEL_ARCHITECTURES_MAPPING[name] for name in ("unet", "unetplusplus", "fpn")
 }
+SPATIAL_DIMS = (2, 3)
 DEFAULT_ARCH = "unet"
 DEFAULT_ENCODER = "tu-maxvit_base_tf_512"
 DEFAULT_STRIDE = 32
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 CHECKPOINT_FORMAT_VERSION = 1
-TRAINING_STATE_FORMAT_VERSION = 1
 
 _METADATA_KEY = "vessel_kit"
 _RESERVED_KWARGS = frozenset({"encoder_name", "encoder_weights", "in_channels", "classes", "activation"})
 _KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "encoder.")
 _STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model")
 _SHOWN_KEYS = 5
-_PLAIN_TYPES = (str, int, float, bool, type(None))  # exact types: numpy scalars subclass float
 
 __all__ = [
     "ARCHITECTURES",
     "CHECKPOINT_FORMAT_VERSION",
     "DEFAULT_STRIDE",
+    "SMP_ARCHITECTURES",
+    "Architecture",
     "ModelConfig",
-    "ModelEMA",
     "build_model",
     "build_model_from_config",
     "list_encoders",
     "load_checkpoint",
-    "load_training_state",
     "model_stride",
     "read_checkpoint_metadata",
+    "register_architecture",
     "save_checkpoint",
-    "save_training_state",
+    "unwrap_model",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The architecture registry
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered architecture: ``build(config)`` returns the module for a ``ModelConfig``;
+    ``check(config)``, if given, raises ValueError for options this architecture cannot take, so a
+    bad config fails when it is made, before any weights exist.
+
+    Example::
+
+        register_architecture("tiny", lambda config: nn.Conv2d(config.in_chans, 1, 3, padding=1))
+        model = build_model_from_config(ModelConfig(arch="tiny", in_chans=3, tile_size=64))
+    """
+
+    build: Callable[[ModelConfig], nn.Module]
+    check: Callable[[ModelConfig], None] | None = None
+
+
+# Lower-case name -> architecture; add entries with ``register_architecture``.
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(
+    name: str,
+    build: Callable[[ModelConfig], nn.Module],
+    *,
+    check: Callable[[ModelConfig], None] | None = None,
+    replace: bool = False,
+) -> None:
+    """Make ``name`` (any case) a valid ``ModelConfig.arch``, built by ``build(config)``.
+
+    ``build`` gets the whole ``ModelConfig`` (``in_chans``, ``spatial_dims``, ``encoder``,
+    ``model_kwargs``, ...) and returns a module mapping (B, in_chans, *spatial) input to
+    (B, 1, *spatial) logits; a module with an ``encoder`` attribute can take ``encoder_weights``.
+    ``check`` validates a config early (see ``Architecture``). A checkpoint of a registered
+    architecture loads in any process that registered it too. Re-registering a name needs
+    ``replace=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"architecture name must be a non-empty string, got {name!r}")
+    if not callable(build) or (check is not None and not callable(check)):
+        raise ValueError(f"architecture {name!r}: build and check must be callables")
+    if name.lower() in ARCHITECTURES and not replace:
+        raise ValueError(f"architecture {name!r} is registered already; pass replace=True to replace it")
+    ARCHITECTURES[name.lower()] = Architecture(build, check)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,26 +143,18 @@ def build_model(
     encoder_weights: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """An smp segmentation model with one output channel of logits.
+    """A 2D model of a registered architecture with one output channel of logits.
 
-    ``arch`` is a key of ``ARCHITECTURES`` (any case). ``encoder`` is an smp encoder name or a timm
-    model prefixed ``tu-`` (see ``list_encoders``). ``in_chans`` sets the stem's input channels.
-    ``encoder_weights`` is None (random init) or a local weights file (.pth/.pt/.bin/.ckpt/
-    .safetensors) holding an encoder (smp or timm) or a full model state dict: only its encoder
-    tensors are used, and a 3-channel stem is adapted to ``in_chans`` as timm does. ``kwargs`` go to
-    the smp model (e.g. ``decoder_channels``, ``encoder_depth``, or ``img_size`` for timm encoders).
+    ``arch`` is a key of ``ARCHITECTURES`` (any case). For the smp ones, ``encoder`` is an smp
+    encoder name or a timm model prefixed ``tu-`` (see ``list_encoders``). ``in_chans`` (odd) sets
+    the stem's input channels. ``encoder_weights`` is None (random init) or a local weights file
+    (.pth/.pt/.bin/.ckpt/.safetensors) holding an encoder (smp or timm) or a full model state dict:
+    only its encoder tensors are used, and a 3-channel stem is adapted to ``in_chans`` as timm does.
+    ``kwargs`` (JSON values) are the config's ``model_kwargs``: for smp, e.g. ``decoder_channels``,
+    ``encoder_depth``, or ``img_size`` for timm encoders.
     """
-    arch_class = _architecture(arch)
-    _check_encoder(encoder)
-    _check_in_chans(in_chans)
-    _check_model_kwargs(kwargs)
-    weights_path = _weights_path(encoder_weights)
-    model = arch_class(
-        encoder_name=encoder, encoder_weights=None, in_channels=in_chans, classes=1, activation=None, **kwargs
-    )
-    if weights_path is not None:
-        _load_encoder_weights(model.encoder, weights_path)
-    return model
+    config = ModelConfig(arch=arch, encoder=encoder, in_chans=in_chans, model_kwargs=kwargs)
+    return _build(config, encoder_weights)
 
 
 def list_encoders() -> list[str]:
@@ -124,7 +168,7 @@ def model_stride(model: nn.Module) -> int:
 
     Models without an smp ``encoder`` get ``DEFAULT_STRIDE``.
     """
-    encoder = getattr(_unwrap(model), "encoder", None)
+    encoder = getattr(unwrap_model(model), "encoder", None)
     stride = int(getattr(encoder, "output_stride", DEFAULT_STRIDE))
     timm_model = getattr(encoder, "model", None)
     if not isinstance(timm_model, nn.Module):
@@ -143,9 +187,17 @@ def model_stride(model: nn.Module) -> int:
 class ModelConfig:
     """Everything needed to rebuild a trained model and feed it what it was trained on.
 
+    ``arch`` names a registered architecture (``register_architecture``), which checks the rest
+    (the smp ones check ``encoder`` and ``model_kwargs``). ``in_chans`` is odd: the centre plane and
+    its neighbours on both sides. ``spatial_dims`` is 2 (planes, the smp models) or 3 (patches).
     ``voxel_size_um`` is the training data's voxel size (None if unknown or mixed), so inference
     can rescale other scans; ``tile_size`` is the training tile side; ``model_kwargs`` are extra
-    ``build_model`` keyword arguments (JSON-serialisable; stored in canonical JSON form).
+    builder keyword arguments (JSON-serialisable; stored in canonical JSON form).
+
+    Example::
+
+        config = ModelConfig(arch="unet", encoder="resnet18", in_chans=3, tile_size=256)
+        model = build_model_from_config(config)
     """
 
     arch: str = DEFAULT_ARCH
@@ -155,11 +207,13 @@ class ModelConfig:
     voxel_size_um: float | None = None
     tile_size: int = 512
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    spatial_dims: int = 2
 
     def __post_init__(self) -> None:
-        _architecture(self.arch)
-        _check_encoder(self.encoder)
+        architecture = _architecture(self.arch)
         _check_in_chans(self.in_chans)
+        if isinstance(self.spatial_dims, bool) or self.spatial_dims not in SPATIAL_DIMS:
+            raise ValueError(f"spatial_dims must be one of {SPATIAL_DIMS}, got {self.spatial_dims!r}")
         if not isinstance(self.normalization, Normalization):
             raise ValueError(f"normalization must be a Normalization, got {type(self.normalization).__name__}")
         if self.voxel_size_um is not None:
@@ -168,8 +222,11 @@ class ModelConfig:
             object.__setattr__(self, "voxel_size_um", float(self.voxel_size_um))
         if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1:
             raise ValueError(f"tile_size must be a positive int, got {self.tile_size!r}")
-        _check_model_kwargs(self.model_kwargs)
-        object.__setattr__(self, "model_kwargs", _json_round_trip(self.model_kwargs, "model_kwargs"))
+        if not isinstance(self.model_kwargs, Mapping):
+            raise ValueError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
+        object.__setattr__(self, "model_kwargs", _json_round_trip(dict(self.model_kwargs), "model_kwargs"))
+        if architecture.check is not None:
+            architecture.check(self)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; ``from_dict`` inverts it."""
@@ -180,6 +237,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """The config ``to_dict`` gave (older checkpoints, without ``spatial_dims``, are 2D)."""
         valid = {f.name for f in fields(cls)}
         unknown = set(values) - valid
         if unknown:
@@ -191,8 +249,10 @@ class ModelConfig:
 
 
 def build_model_from_config(config: ModelConfig, *, encoder_weights: str | os.PathLike | None = None) -> nn.Module:
-    """``build_model`` with ``config``'s settings; checks that ``tile_size`` fits the model's stride."""
-    model = build_model(config.arch, config.encoder, config.in_chans, encoder_weights, **config.model_kwargs)
+    """The model ``config`` describes, built by its architecture's builder, with encoder weights
+    from a local file when given (see ``build_model``); checks that ``tile_size`` fits the model's
+    stride."""
+    model = _build(config, encoder_weights)
     stride = model_stride(model)
     if config.tile_size % stride:
         raise ValueError(
@@ -200,6 +260,54 @@ def build_model_from_config(config: ModelConfig, *, encoder_weights: str | os.Pa
             f"{config.arch}/{config.encoder}"
         )
     return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DataParallel/DistributedDataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _build(config: ModelConfig, encoder_weights: str | os.PathLike | None) -> nn.Module:
+    """The registered builder's model for ``config``, with its encoder loaded from ``encoder_weights``."""
+    weights_path = _weights_path(encoder_weights)
+    model = ARCHITECTURES[config.arch.lower()].build(config)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the builder of architecture {config.arch!r} returned a {type(model).__name__}, not a module")
+    if weights_path is not None:
+        encoder = getattr(model, "encoder", None)
+        if not isinstance(encoder, nn.Module):
+            raise ValueError(f"architecture {config.arch!r} has no encoder module to load encoder_weights into")
+        _load_encoder_weights(encoder, weights_path)
+    return model
+
+
+def _build_smp(config: ModelConfig) -> nn.Module:
+    """An smp model: ``SMP_ARCHITECTURES[arch]`` with one logit channel and no activation."""
+    return SMP_ARCHITECTURES[config.arch.lower()](
+        encoder_name=config.encoder, encoder_weights=None, in_channels=config.in_chans, classes=1,
+        activation=None, **config.model_kwargs,
+    )
+
+
+def _check_smp(config: ModelConfig) -> None:
+    """What an smp architecture accepts: 2D, a known encoder, no keyword that vessel_kit sets."""
+    if config.spatial_dims != 2:
+        raise ValueError(f"architecture {config.arch!r} (segmentation_models_pytorch) is 2D; got spatial_dims "
+                         f"{config.spatial_dims}")
+    _check_encoder(config.encoder)
+    reserved = sorted(_RESERVED_KWARGS & set(config.model_kwargs))
+    if reserved:
+        raise ValueError(f"model kwargs {reserved} are set by vessel_kit and cannot be given")
+
+
+for _name in SMP_ARCHITECTURES:
+    register_architecture(_name, _build_smp, check=_check_smp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +341,7 @@ def save_checkpoint(
         "extra": _json_round_trip(dict(extra or {}), "extra"),
     }
     with atomic_output(path) as tmp:
-        save_model(_unwrap(model), str(tmp), metadata={_METADATA_KEY: json.dumps(header)}, force_contiguous=True)
+        save_model(unwrap_model(model), str(tmp), metadata={_METADATA_KEY: json.dumps(header)}, force_contiguous=True)
     return path
 
 
@@ -242,7 +350,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     ``threshold`` (the calibrated probability cut; None in checkpoints written before
     calibration), ``metrics``, ``extra``, ``versions`` (of the writing packages) and
     ``format_version``."""
-    path = _existing_file(path)
+    path = existing_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -281,130 +389,16 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 
 
 # ---------------------------------------------------------------------------------------------
-# Training state
-
-
-def save_training_state(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    epoch: int,
-    step: int | None = None,
-    scheduler: Any | None = None,
-    ema: ModelEMA | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write what resuming training needs, atomically: the model, optimizer, optional scheduler
-    and EMA states, ``epoch``, ``step`` and ``extra`` (plain data: dicts, lists, str, numbers,
-    bool, None and tensors, e.g. a GradScaler's state or RNG states)."""
-    extra = dict(extra or {})
-    _check_plain(extra, "extra")
-    payload = {
-        "format_version": TRAINING_STATE_FORMAT_VERSION,
-        "epoch": int(epoch),
-        "step": None if step is None else int(step),
-        "extra": extra,
-    }
-    for name, obj in _stateful(model, optimizer, scheduler, ema).items():
-        payload[name] = obj.state_dict()
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def load_training_state(
-    path: str | os.PathLike,
-    model: nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    scheduler: Any | None = None,
-    ema: ModelEMA | None = None,
-    device: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Restore the given objects from a ``save_training_state`` file (tensors mapped to
-    ``device``) and return ``{"epoch", "step", "extra"}``."""
-    path = _existing_file(path)
-    try:
-        payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch.load raises many types for bad files; all mean "unreadable"
-        raise ValueError(f"{path} is not a readable training state: {err}") from None
-    if not isinstance(payload, dict) or "format_version" not in payload:
-        raise ValueError(f"{path} is not a vessel_kit training state")
-    for name, obj in _stateful(model, optimizer, scheduler, ema).items():
-        if name not in payload:
-            raise ValueError(f"{path} holds no {name} state")
-        obj.load_state_dict(payload[name])
-    return {key: payload[key] for key in ("epoch", "step", "extra")}
-
-
-# ---------------------------------------------------------------------------------------------
-# Weight EMA
-
-
-class ModelEMA:
-    """Exponential moving average of a model's weights, for validation and saving.
-
-    Each ``update`` moves every floating-point parameter of ``module`` (a frozen eval-mode copy)
-    towards the model's: ``ema = d * ema + (1 - d) * param``, and copies buffers (BatchNorm
-    statistics) and any other parameters as they are. With warmup the decay after ``step`` updates is
-    ``d = min(decay, (1 + step) / (warmup_steps + step))`` (0.1, 0.18, 0.25, ... for
-    ``warmup_steps=10``), so early random weights fade fast; ``warmup_steps=0`` uses ``decay``
-    from the first update.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup_steps: int = 10) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        self.decay = decay
-        self.warmup_steps = warmup_steps
-        self.step = 0
-        self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
-        self.module.zero_grad(set_to_none=True)
-
-    @property
-    def current_decay(self) -> float:
-        """The decay the next ``update`` uses."""
-        if self.warmup_steps == 0:
-            return self.decay
-        return min(self.decay, (1 + self.step) / (self.warmup_steps + self.step))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Fold ``model``'s current weights into the average."""
-        ema_params, params = [], []
-        for ema, param in zip(self.module.parameters(), _unwrap(model).parameters(), strict=True):
-            if ema.dtype.is_floating_point:
-                ema_params.append(ema)
-                params.append(param.detach())
-            else:
-                ema.copy_(param)
-        if ema_params:
-            torch._foreach_lerp_(ema_params, params, 1.0 - self.current_decay)
-        for ema_buffer, buffer in zip(self.module.buffers(), _unwrap(model).buffers(), strict=True):
-            ema_buffer.copy_(buffer)
-        self.step += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "module": self.module.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.module.load_state_dict(state["module"])
-        self.step = int(state["step"])
-
-
-# ---------------------------------------------------------------------------------------------
 # Private helpers
 
 
-def _architecture(arch: str) -> type[nn.Module]:
+def _architecture(arch: str) -> Architecture:
     try:
         return ARCHITECTURES[arch.lower()]
     except (KeyError, AttributeError):
-        raise ValueError(f"unknown architecture {arch!r}; valid: {sorted(ARCHITECTURES)}") from None
+        raise ValueError(
+            f"unknown architecture {arch!r}; valid: {sorted(ARCHITECTURES)} (add one with register_architecture)"
+        ) from None
 
 
 def _check_encoder(encoder: str) -> None:
@@ -425,14 +419,9 @@ def _check_encoder(encoder: str) -> None:
 
 
 def _check_in_chans(in_chans: int) -> None:
-    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
-        raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
-
-
-def _check_model_kwargs(kwargs: Mapping[str, Any]) -> None:
-    reserved = sorted(_RESERVED_KWARGS & set(kwargs))
-    if reserved:
-        raise ValueError(f"model kwargs {reserved} are set by vessel_kit and cannot be given")
+    """Odd: a centre plane and as many neighbours on each side (what crops and inference feed)."""
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1 or in_chans % 2 == 0:
+        raise ValueError(f"in_chans must be odd (1, 3, 5, ...), got {in_chans!r}")
 
 
 def _json_round_trip(values: dict[str, Any], what: str) -> dict[str, Any]:
@@ -462,17 +451,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DataParallel/DistributedDataParallel and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _stage_reductions(timm_model: nn.Module) -> dict[str, int]:
     """Top-level child name -> its feature reduction, from a timm features model's feature_info.
 
@@ -483,19 +461,12 @@ def _stage_reductions(timm_model: nn.Module) -> dict[str, int]:
     return {entry["module"].replace(".", "_"): int(entry["reduction"]) for entry in info.get_dicts()}
 
 
-def _existing_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    return path
-
-
 def _weights_path(encoder_weights: str | os.PathLike | None) -> Path | None:
     """The local weights file named by ``encoder_weights``, refusing anything needing a download."""
     if encoder_weights is None:
         return None
     if isinstance(encoder_weights, (str, os.PathLike)) and Path(encoder_weights).suffix.lower() in WEIGHT_SUFFIXES:
-        return _existing_file(encoder_weights)
+        return existing_file(encoder_weights)
     raise ValueError(
         f"encoder_weights={encoder_weights!r} is not a local weights file ({', '.join(WEIGHT_SUFFIXES)}). "
         "Named pretrained weights such as 'imagenet' would need a download, and vessel_kit never downloads "
@@ -599,25 +570,3 @@ def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path: str |
             f"{path}: weights do not fit the config's model: {len(missing)} missing (e.g. {missing[:_SHOWN_KEYS]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:_SHOWN_KEYS]})"
         )
-
-
-def _stateful(
-    model: nn.Module | None, optimizer: torch.optim.Optimizer | None, scheduler: Any | None, ema: ModelEMA | None
-) -> dict[str, Any]:
-    """The given training objects by name (models unwrapped), skipping None."""
-    model = None if model is None else _unwrap(model)
-    objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema}
-    return {name: obj for name, obj in objects.items() if obj is not None}
-
-
-def _check_plain(value: Any, where: str) -> None:
-    """Raise ValueError unless ``value`` is plain data that ``torch.load(weights_only=True)`` reads."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_plain(key, where)
-            _check_plain(item, f"{where}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_plain(item, f"{where}[{index}]")
-    elif type(value) not in _PLAIN_TYPES and not isinstance(value, torch.Tensor):
-        raise ValueError(f"{where} holds a {type(value).__name__}; only plain data and tensors can be saved")

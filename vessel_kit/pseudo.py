@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_output
+from .devices import usable_devices
 from .infer import infer_volume, load_ensemble
 
 __all__ = ["make_pseudo_labels"]
@@ -36,11 +37,12 @@ def make_pseudo_labels(
 
     The logits come from ``infer_volume`` over ``axes`` with ``tta`` views. All checkpoints must
     take the same input (in_chans and normalisation): their logits are averaged on one input.
-    The file is written atomically.
+    The file is written atomically. ``device`` None runs on the first device ``usable_devices``
+    accepts (a working GPU, else the CPU).
     """
     if not checkpoints:
         raise ValueError("make_pseudo_labels needs at least one checkpoint")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = usable_devices(None if device is None else str(device))[0]
     ensemble = load_ensemble(list(checkpoints), device=device)
     logits = infer_volume(
         images, ensemble, axes=axes, tta=tta, batch_size=batch_size, device=device,

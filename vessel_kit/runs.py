@@ -8,13 +8,16 @@ append to its metrics, so ``claim_run_dir`` refuses that unless ``overwrite=True
 
 A run that fails before its first epoch leaves only ``config.yaml``; such a folder is not a run
 (no state, checkpoint or metrics) and counts as fresh, so a corrected config can start there.
+
+Configs compare option by option, nested sections included (``model.encoder``), so a refusal
+names the options that differ.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .config_files import load_yaml_mapping
@@ -38,10 +41,17 @@ class _Absent:
 _ABSENT = _Absent()
 
 
-def claim_run_dir(out_dir: str | os.PathLike, config: Mapping[str, object], *, overwrite: bool = False) -> str:
+def claim_run_dir(
+    out_dir: str | os.PathLike,
+    config: Mapping[str, object],
+    *,
+    overwrite: bool = False,
+    canonical: Callable[[Mapping[str, object]], Mapping[str, object]] | None = None,
+) -> str:
     """"fresh" or "resume": what training with ``config`` (a ``TrainConfig.to_dict()``) into
     ``out_dir`` must do. Nothing is written, except that ``overwrite=True`` first removes the
-    ``RUN_FILES`` a previous run left.
+    ``RUN_FILES`` a previous run left. ``canonical`` rewrites the stored ``config.yaml`` in the
+    current form before comparing (the options of a run written by an older version).
 
     - absent, empty, or holding no run output (at most a ``config.yaml``): "fresh";
     - a run whose ``config.yaml`` equals ``config`` (ignoring ``IGNORED_KEYS``) and that has a
@@ -63,7 +73,7 @@ def claim_run_dir(out_dir: str | os.PathLike, config: Mapping[str, object], *, o
     if not config_path.is_file():
         raise ValueError(f"{out_dir} holds run files ({', '.join(outputs)}) but no config.yaml: "
                          f"they are not known to be this run's{refuse}")
-    differences = _differences(_read_config(config_path), _comparable(config))
+    differences = _differences(_read_config(config_path, canonical), _comparable(config))
     if differences:
         raise ValueError(f"{out_dir} holds a run with another config ({differences}){refuse}")
     if "state.pt" not in outputs:
@@ -87,19 +97,31 @@ def _remove_run_files(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path, canonical: Callable[[Mapping[str, object]], Mapping[str, object]] | None) -> dict:
     """The options a run folder's ``config.yaml`` holds, as compared."""
     try:
         values = load_yaml_mapping(path, what="run config")
     except ValueError as error:
         raise ValueError(f"{error}; remove it or train with --overwrite") from None
-    return _comparable(values)
+    return _comparable(canonical(values) if canonical else values)
 
 
 def _comparable(config: Mapping[str, object]) -> dict:
     """``config`` without the ``IGNORED_KEYS``, as plain JSON values (tuples become lists, as
-    they read back from YAML)."""
-    return json.loads(json.dumps({key: value for key, value in config.items() if key not in IGNORED_KEYS}))
+    they read back from YAML), nested mappings flattened to dotted keys."""
+    kept = {key: value for key, value in config.items() if key not in IGNORED_KEYS}
+    return _flatten(json.loads(json.dumps(kept)))
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    """``{"model": {"encoder": x}}`` as ``{"model.encoder": x}``; an empty mapping stays a value."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _differences(old: dict, new: dict) -> str:

@@ -1,7 +1,7 @@
 """From checkpoints to a submission file: every test volume of a Kaggle layout, streamed.
 
-``predict_submission`` is what the inference notebook and ``vessel-kit infer`` run. It predicts
-the volumes one by one with ``infer_volume``, writes each slice's RLE as soon as its volume is
+``predict_submission`` is what the inference notebook and ``vessel-kit infer`` run. It sets the
+models up once (a ``Predictor``), predicts the volumes one by one, writes each slice's RLE as soon as its volume is
 done, reports the time spent and an estimate of the time left, and keeps to a time budget: a
 volume that would not finish in time (estimated from the voxels-per-second rate so far) is not
 started, and one that passes the deadline while running is stopped; both get empty masks. With
@@ -34,8 +34,11 @@ import numpy as np
 
 from .atomic import atomic_output
 from .devices import usable_devices
-from .infer import DeadlineWarning, check_tile_size, infer_volume, load_ensemble
-from .infer_options import check_infer_options
+from .deadline import DeadlineWarning
+from .ensemble import load_ensemble
+from .infer import infer_volume
+from .infer_config import InferConfig
+from .predictor import Predictor
 from .layout import VolumeInfo, find_volumes
 from .logits_cache import LogitsCache
 from .rle import (
@@ -69,6 +72,7 @@ def predict_submission(
     on_error: str = "raise",
     logits_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
+    config: InferConfig | None = None,
     **infer_options,
 ) -> dict[str, str]:
     """Predict every volume of ``<data_root>/<split>`` into the submission ``out``.
@@ -87,8 +91,9 @@ def predict_submission(
             under a temporary name until complete. A rerun with the same options, checkpoints
             and slice files reuses a volume recorded there (``<volume>.json``) instead of
             predicting it again.
-        infer_options: go to ``infer_volume`` (axes, tta, tile_size, threshold, ...); each
-            volume's voxel size comes from the layout.
+        config: the inference settings (``InferConfig``; default its defaults); the keyword
+            ``infer_options`` (its field names: axes, tta, tile_size, threshold, ...) override
+            it. Each volume's voxel size comes from the layout.
 
     Returns:
         each volume's status: "predicted", "predicted (... using [axes] only)" when the time
@@ -104,11 +109,13 @@ def predict_submission(
     """
     started = time.monotonic()
     check_submission_options({"on_error": on_error, "time_budget_s": time_budget_s, **infer_options})
+    config = (config or InferConfig()).replace(**infer_options)
     log = log or _log_to_stderr
     _check_output_file(Path(out))
     if logits_dir is not None:
         _prepare_logits_dir(Path(logits_dir))
-    devices = usable_devices(device, log=log)
+    devices = usable_devices(device if device is not None else _listed(config.device), log=log)
+    config = config.replace(device=tuple(devices))
     log(f"devices: {', '.join(devices)}")
     sample = Path(data_root) / "sample_submission.csv"
     try:
@@ -121,21 +128,20 @@ def predict_submission(
     checked_sample = sample if split == "test" and sample.is_file() else None
     if checked_sample:
         _check_sample_lists_layout(checked_sample, volumes, split)
-    loaded, failure = _load(checkpoints, devices, on_error, log)
-    if loaded is not None:  # a configuration error, whatever on_error says
-        check_tile_size(infer_options.get("tile_size"), loaded[0])
+    ensemble, failure = _load(checkpoints, devices, on_error, log)
+    predictor = None if ensemble is None else Predictor(ensemble, config)  # a bad tile size raises, whatever on_error says
     cache = None
     if logits_dir is not None and failure is None:
-        cache = LogitsCache(logits_dir, checkpoints, infer_options, log)
+        cache = LogitsCache(logits_dir, checkpoints, config.to_dict(), log)
         cache.remove_stale_temps()
-    run = _Run(loaded, failure, on_error, log, infer_options, started, time_budget_s, cache)
+    run = _Run(predictor, failure, on_error, log, started, time_budget_s, cache)
     return _write_validated(Path(out), volumes, run, checked_sample)
 
 
 def check_submission_options(options: Mapping[str, object]) -> None:
     """Raise ValueError naming the option for a bad value of ``predict_submission``'s own
-    ``on_error`` and ``time_budget_s``, an ``infer_volume`` option it sets itself, or any other
-    inference option (``infer_options.check_infer_options``)."""
+    ``on_error`` and ``time_budget_s``, an ``infer_volume`` argument it sets itself, or any other
+    inference option (an unknown name or a bad value for ``InferConfig``)."""
     options = dict(options)
     on_error = options.pop("on_error", ON_ERROR[0])
     if on_error not in ON_ERROR:
@@ -146,7 +152,7 @@ def check_submission_options(options: Mapping[str, object]) -> None:
     reserved = sorted(set(options) & RESERVED_OPTIONS.keys())
     if reserved:
         raise ValueError("predict_submission sets " + ", ".join(f"{o} (use {RESERVED_OPTIONS[o]})" for o in reserved))
-    check_infer_options(options)
+    InferConfig.from_dict(options)
 
 
 def write_empty_submission(
@@ -165,11 +171,10 @@ def write_empty_submission(
 class _Run:
     """What every volume of one ``predict_submission`` call shares."""
 
-    loaded: tuple | None  # (ensemble, devices), None when loading failed
+    predictor: Predictor | None  # None when loading failed
     failure: str | None  # every volume's status when loading failed
     on_error: str
     log: Callable[[str], None]
-    infer_options: dict
     started: float
     budget: float | None
     cache: LogitsCache | None
@@ -229,13 +234,12 @@ def _out_of_time(elapsed: float, budget: float, voxels: int, done: int) -> bool:
 
 
 def _load(checkpoints, devices: list[str], on_error: str, log):
-    """((ensemble, devices), None), or (None, status) when loading failed and on_error is "empty"."""
+    """(ensemble, None), or (None, status) when loading failed and on_error is "empty"."""
     try:
         missing = [str(p) for p in checkpoints if not Path(p).is_file()]
         if not checkpoints or missing:
             raise FileNotFoundError(f"checkpoints not found: {', '.join(missing) or 'none given'}")
-        ensemble = load_ensemble([str(p) for p in checkpoints], device=devices[0])
-        return (ensemble, devices), None
+        return load_ensemble([str(p) for p in checkpoints], device=devices[0]), None
     except Exception as error:
         if on_error == "raise":
             raise
@@ -247,17 +251,14 @@ def _predict(volume: VolumeInfo, run: _Run, writer: SubmissionWriter) -> str:
     """Predict one volume into ``writer``; returns its status (nothing is written unless
     predicted). With a logits cache the logits are renamed into place once complete, and a
     volume predicted with every axis is recorded for reuse."""
-    ensemble, devices = run.loaded
-    options = {**run.infer_options, "deadline": run.deadline}
+    options = {"deadline": run.deadline}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DeadlineWarning)
             with run.cache.writing(volume) if run.cache else nullcontext() as logits_path:
                 if logits_path is not None:
                     options["accumulator_path"] = logits_path
-                mask = infer_volume(
-                    volume.read_images(), ensemble, voxel_size_um=volume.voxel_size_um, device=devices, **options
-                )
+                mask = infer_volume(volume.read_images(), run.predictor, voxel_size_um=volume.voxel_size_um, **options)
     except TimeoutError as error:
         run.log(f"{volume.name}: {error}; writing empty masks")
         return "empty (time budget)"
@@ -319,6 +320,10 @@ def _check_sample_lists_layout(sample: Path, volumes: list[VolumeInfo], split: s
     ) if ids]
     if problems:
         raise ValueError(f"{sample} does not match the {split} volumes: " + "; ".join(problems))
+
+
+def _listed(device: str | tuple[str, ...] | None) -> str | list[str] | None:
+    return list(device) if isinstance(device, tuple) else device
 
 
 def _finite_number(value: object) -> bool:

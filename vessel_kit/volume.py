@@ -3,7 +3,9 @@
 The competition ships one uncompressed, single-strip, little-endian TIFF per slice. For those files
 ``read_volume`` reads the pixel bytes straight into the output array with ``os.preadv`` (no
 intermediate copy, no decoder), in parallel threads; any other TIFF goes through tifffile's
-decoder. ``benchmarks/bench_io.py`` measures it against a ``cv2.imread`` loop.
+decoder. ``benchmarks/bench_io.py`` measures it against a ``cv2.imread`` loop. ``read_slices``,
+under it, reads a (rows, cols) crop of some slices for lazy volume sources: from uncompressed
+files, only the crop's rows.
 
 Every slice's header is checked before its pixels are read (and the first slice's before the
 volume is allocated): one 2D grayscale image per file, and pixel data that lies inside the file.
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_output
 from .folders import list_folder, path_kind
+from .regions import Region, check_region, region_shape
 
 PathLike = str | os.PathLike
 SliceSource = PathLike | Sequence[PathLike]
@@ -37,6 +40,7 @@ LABEL_VALUES = (0, 1, 255)
 __all__ = [
     "read_labels",
     "read_slice_header",
+    "read_slices",
     "read_volume",
     "slice_files",
     "slice_ids",
@@ -114,14 +118,39 @@ def read_volume(
             f"{files[0]}: slices are {file_dtype}, expected {np.dtype(dtype)} "
             "(pass dtype=None to accept the files' own dtype)"
         )
-    volume_shape = (len(files), *shape)
+    return read_slices(files, shape, file_dtype, out=out, workers=workers, progress=progress)
+
+
+def read_slices(
+    files: Sequence[Path],
+    shape: tuple[int, int],
+    dtype: np.dtype,
+    *,
+    crop: tuple[slice, slice] | None = None,
+    out: np.ndarray | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Read the (rows, cols) ``crop`` of each of ``files`` into a (len(files), rows, cols) array.
+
+    The lazy reader under ``read_volume`` and ``sources.TiffStackSource``: every file is checked to
+    be a ``shape`` ``dtype`` slice (the volume's), and uncompressed slices read only the crop's rows,
+    so a few rows of every slice cost a few rows. ``crop`` (default: whole slices) takes step-1
+    slices inside ``shape``; ``out``, ``workers`` and ``progress`` are as in ``read_volume``.
+
+    Raises:
+        ValueError: a crop outside ``shape`` (see ``regions.check_region``), an ``out`` of the wrong
+            shape/dtype, or a file that is unreadable, corrupt or not a ``shape`` ``dtype`` slice.
+    """
+    box = check_region(crop or (slice(None), slice(None)), shape)
+    volume_shape = (len(files), *region_shape(box))
     if out is None:
-        out = np.empty(volume_shape, dtype=file_dtype)
-    elif out.shape != volume_shape or out.dtype != file_dtype:
-        raise ValueError(f"out has shape {out.shape} {out.dtype}, need {volume_shape} {file_dtype}")
+        out = np.empty(volume_shape, dtype=dtype)
+    elif out.shape != volume_shape or out.dtype != dtype:
+        raise ValueError(f"out has shape {out.shape} {out.dtype}, need {volume_shape} {dtype}")
 
     def read_one(index: int) -> None:
-        _read_slice_into(files[index], out[index])
+        _read_slice_into(Path(files[index]), out[index], shape, box)
 
     workers = workers or min(8, (os.cpu_count() or 1) + 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -190,19 +219,25 @@ def write_volume(
     return paths
 
 
-def _read_slice_into(path: Path, target: np.ndarray) -> None:
-    """Read one slice into ``target``, checking its header and its shape and dtype against the volume's."""
+def _read_slice_into(path: Path, target: np.ndarray, shape: tuple[int, int], box: Region) -> None:
+    """Read the ``box`` (rows, cols) of one slice into ``target``, checking the slice is ``shape`` and
+    ``target.dtype`` like the volume's. Uncompressed native-order slices read only the box's rows."""
+    rows, cols = box
     with _open_slice(path) as (tif, page):
-        if page.shape != target.shape or np.dtype(page.dtype) != target.dtype:
+        if page.shape != shape or np.dtype(page.dtype) != target.dtype:
             raise ValueError(
                 f"{path}: slice is {page.shape} {page.dtype}, but the volume's slices "
-                f"are {target.shape} {target.dtype} (mixed slice shapes or dtypes)"
+                f"are {shape} {target.dtype} (mixed slice shapes or dtypes)"
             )
-        if _is_raw(page) and target.flags.c_contiguous:
-            _pread_into(path, tif, page.dataoffsets[0], target)
-        else:
+        if not _is_raw(page):
             with _naming_errors(path):
-                page.asarray(out=target)
+                target[...] = page.asarray()[rows, cols]
+            return
+        full_rows = target.flags.c_contiguous and target.shape[1] == shape[1]
+        band = target if full_rows else np.empty((rows.stop - rows.start, shape[1]), target.dtype)
+        _pread_into(path, tif, page.dataoffsets[0] + rows.start * band.strides[0], band)
+        if band is not target:
+            target[...] = band[:, cols]
 
 
 @contextmanager

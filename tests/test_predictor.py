@@ -1,0 +1,161 @@
+"""Predictor and InferConfig: set up once, predict many volumes; logits apart from masks; 3D patches
+stitched exactly; one schema for options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vessel_kit.infer import infer_volume
+from vessel_kit.infer_config import InferConfig
+from vessel_kit.normalize import Normalization
+from vessel_kit.predictor import LogitVolume, Predictor
+from vessel_kit.sources import ArraySource
+
+UNIT = Normalization("unit")
+FP16 = 4 / 1024  # a few float16 ulps at |logits| ~ 5
+
+
+class PointwiseLogits2d(torch.nn.Module):
+    """Logits = 10 x the centre channel - 5: every window agrees on every pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, x.shape[1] // 2 : x.shape[1] // 2 + 1] * 10.0 - 5.0
+
+
+class PointwiseLogits3d(torch.nn.Module):
+    """A 3D network (a 1x1x1 convolution) with logits = 10 x input - 5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(10.0)
+            self.conv.bias.fill_(-5.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    return np.random.default_rng(3).integers(0, 65535, (40, 48, 72), dtype=np.uint16)
+
+
+def expected(volume: np.ndarray) -> np.ndarray:
+    return volume.astype(np.float64) / 65535 * 10.0 - 5.0
+
+
+# --- InferConfig ---------------------------------------------------------------------------------
+
+
+def test_infer_config_round_trips_and_names_unknown_keys(tmp_path):
+    config = InferConfig.from_dict({"axes": ["xy", "yz"], "tta": "none", "tile_size": 64, "hysteresis": [0.6, 0.3]})
+    assert config.axes == ("xy", "yz") and config.hysteresis == (0.6, 0.3)
+    assert InferConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown inference options \['tile'\]; valid: \['axes', 'axis_weights', 'tile_size'"):
+        InferConfig.from_dict({"tile": 64})
+    with pytest.raises(ValueError, match=r"inference option tta='rot90': must be one of"):
+        InferConfig(tta="rot90")
+    with pytest.raises(ValueError, match=r"unknown inference options \['ttta'\]"):
+        config.replace(ttta="none")
+    path = tmp_path / "infer.yaml"
+    path.write_text("tta: none\nthreshold: 1.5\n")
+    with pytest.raises(ValueError, match=r"infer.yaml: inference option threshold=1.5"):
+        InferConfig.from_yaml(path)
+
+
+def test_infer_volume_takes_a_config_and_lets_keywords_override_it(volume):
+    config = InferConfig(axes=("xy",), tta="none", tile_size=32, progress=False, min_plane_side=1)
+    a = infer_volume(volume, PointwiseLogits2d(), config, in_chans=3, normalization=UNIT, return_logits=True)
+    b = infer_volume(volume, PointwiseLogits2d(), config, in_chans=3, normalization=UNIT, return_logits=True, tile_size=None)
+    np.testing.assert_allclose(a.astype(np.float64), expected(volume), atol=FP16)
+    np.testing.assert_allclose(b.astype(np.float64), expected(volume), atol=FP16)
+    with pytest.raises(ValueError, match=r"unknown inference options \['tiles'\]"):
+        infer_volume(volume, PointwiseLogits2d(), config, in_chans=3, normalization=UNIT, tiles=3)
+
+
+# --- Predictor -----------------------------------------------------------------------------------
+
+
+def test_a_predictor_is_set_up_once_and_reused(volume):
+    predictor = Predictor(PointwiseLogits2d(), InferConfig(tta="flips", tile_size=32, progress=False),
+                          in_chans=3, normalization=UNIT)
+    first = predictor.logits(volume)
+    second = predictor.logits(volume[:, :40, :64])
+    assert isinstance(first, LogitVolume) and first.shape == volume.shape
+    np.testing.assert_allclose(first.array().astype(np.float64), expected(volume), atol=FP16)
+    np.testing.assert_allclose(second.array().astype(np.float64), expected(volume[:, :40, :64]), atol=FP16)
+    mask = predictor.to_mask(first)  # 0.5 -> logit 0: pixels above half the range
+    assert mask.dtype == np.bool_ and np.mean(mask != (expected(volume) > 0)) < 1e-3  # fp16 ties at 0 aside
+    assert predictor.threshold == 0.5
+
+
+def test_to_mask_follows_the_output_options(volume):
+    config = InferConfig(axes=("xy",), tta="none", progress=False, top_fraction=0.1, min_plane_side=1)
+    predictor = Predictor(PointwiseLogits2d(), config, in_chans=1, normalization=UNIT)
+    logits = predictor.logits(volume)
+    top = predictor.to_mask(logits)
+    assert abs(top.mean() - 0.1) < 1e-3
+    thresholded = Predictor(PointwiseLogits2d(), config.replace(top_fraction=None, threshold=0.9),
+                            in_chans=1, normalization=UNIT).to_mask(logits)
+    np.testing.assert_array_equal(thresholded, logits.array() > np.float16(np.log(0.9 / 0.1)))
+
+
+def test_a_source_is_read_like_the_array_it_wraps(volume):
+    predictor = Predictor(PointwiseLogits2d(), InferConfig(tta="none", tile_size=32, progress=False),
+                          in_chans=3, normalization=UNIT)
+    from_array = predictor.logits(volume).array()
+    from_source = predictor.logits(ArraySource(volume, voxel_size_um=50.0)).array()
+    np.testing.assert_array_equal(from_array, from_source)
+
+
+# --- 3D patches ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tta", ["none", "flips"])
+def test_3d_patches_stitch_exactly_to_the_whole_volume_prediction(volume, tta):
+    """A pointwise 3D model predicts every voxel alike in every patch, so patches blended with the
+    separable normaliser must equal the whole volume predicted as one patch."""
+    options = {"in_chans": 1, "normalization": UNIT, "progress": False, "return_logits": True, "tta": tta}
+    whole = infer_volume(volume, PointwiseLogits3d(), **options).astype(np.float64)
+    patches = infer_volume(volume, PointwiseLogits3d(), tile_size=(32, 32, 64), overlap=0.5, **options).astype(np.float64)
+    np.testing.assert_allclose(whole, expected(volume), atol=FP16)
+    np.testing.assert_allclose(patches, whole, atol=FP16)
+
+
+def test_3d_models_are_recognised_and_their_tile_sizes_checked(volume):
+    predictor = Predictor(PointwiseLogits3d(), InferConfig(progress=False, tile_size=32), in_chans=1, normalization=UNIT)
+    assert predictor.ensemble.spatial_dims == 3
+    with pytest.raises(ValueError, match=r"tile_size \(32, 32\) needs 1 or 3 sides for these 3D models"):
+        Predictor(PointwiseLogits3d(), InferConfig(tile_size=(32, 32)), in_chans=1, normalization=UNIT)
+    with pytest.raises(ValueError, match="multiple of the models' stride 32"):
+        Predictor(PointwiseLogits3d(), InferConfig(tile_size=(32, 48, 32)), in_chans=1, normalization=UNIT)
+
+
+def test_3d_patches_keep_the_deadline(volume):
+    import time
+
+    predictor = Predictor(PointwiseLogits3d(), InferConfig(progress=False, tile_size=32, batch_size=1),
+                          in_chans=1, normalization=UNIT)
+    with pytest.raises(TimeoutError, match="passed its deadline after 1 of"):
+        predictor.logits(volume, deadline=time.monotonic())
+
+
+def test_inference_presets_ship_with_the_package_and_load_by_name(tmp_path):
+    from importlib import resources
+
+    from vessel_kit.infer_config import list_infer_presets
+
+    presets = list_infer_presets()
+    assert {"default", "fast", "cpu", "kaggle_t4x2"} <= set(presets) and all(presets.values())
+    assert {e.name for e in resources.files("vessel_kit.configs.infer").iterdir() if e.name.endswith(".yaml")} == \
+        {f"{name}.yaml" for name in presets}
+    assert InferConfig.load("fast") == InferConfig(axes=("xy",), tta="none")
+    assert InferConfig.load("default") == InferConfig()
+    own = tmp_path / "mine.yaml"
+    own.write_text("description: mine\ntta: d4\n")
+    assert InferConfig.load(own).tta == "d4"
+    with pytest.raises(ValueError, match="nosuch is neither an inference preset"):
+        InferConfig.load("nosuch")

@@ -1,0 +1,1 @@
+"""The training recipes: one YAML file per recipe, named after it (see ``vessel_kit.recipes``)."""

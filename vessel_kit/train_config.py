@@ -1,0 +1,181 @@
+"""The options of a training run: ``TrainConfig``, with a ``model``, a ``crops`` and an ``optim``
+section, loadable from YAML with recipes and ``base:`` inheritance (``recipes.py``).
+
+    base: synthetic_cpu                  # optional: start from a recipe or another YAML file
+    data_root: demo_out/data             # data and run: top level
+    out_dir: runs/synthetic_cpu
+    model: {arch: unet, encoder: resnet18, in_chans: 3}     # ModelOptions
+    crops: {crop_size: 128, augment: light, rotate_p: 0.2}  # data.CropConfig (in_chans: the model's)
+    optim: {optimizer: adamw, lr: 2.0e-3, scheduler: onecycle, ema_decay: 0.98}  # optim.OptimConfig
+    loss: 5th_place
+    epochs: 12
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
+
+from .config_files import load_yaml_mapping
+from .config_sections import check_option_types, section_from_mapping
+from .data import CropConfig
+from .models import ModelConfig
+from .normalize import Normalization
+from .optim import OptimConfig
+from .recipes import resolve_config
+
+__all__ = ["ModelOptions", "TrainConfig"]
+
+T = TypeVar("T")
+
+# Training's crop defaults where they differ from CropConfig's.
+_CROP_DEFAULTS = {"crops_per_epoch": 2000}
+_CROPS_IN_CHANS = {"in_chans": "crops take the model's channels; set model.in_chans"}
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The ``model:`` section of a training config: what ``ModelConfig`` the run builds.
+
+    ``arch`` is a registered architecture (``models.register_architecture``); ``encoder`` and
+    ``model_kwargs`` go to its builder (the smp ones check them). ``encoder_weights`` is None
+    (random init) or a local weights file. ``in_chans`` is odd (1 = 2D, 3/5 = 2.5D) and sets the
+    crops' channels too. ``normalization`` is a ``Normalization.from_dict`` mapping.
+
+    Example::
+
+        options = ModelOptions(encoder="resnet18", in_chans=3)
+        config = options.model_config(voxel_size_um=50.0, tile_size=256)  # what the checkpoint stores
+    """
+
+    arch: str = "unet"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None
+    in_chans: int = 1
+    spatial_dims: int = 2
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    normalization: dict[str, Any] = field(default_factory=lambda: {"mode": "percentile", "low": 10.0, "high": 99.8})
+
+    def __post_init__(self) -> None:
+        # Building the ModelConfig checks every option; model_kwargs keep its canonical JSON form.
+        object.__setattr__(self, "model_kwargs", self.model_config().model_kwargs)
+
+    def model_config(self, *, voxel_size_um: float | None = None, tile_size: int = 512) -> ModelConfig:
+        """The ``ModelConfig`` of a model trained with these options on ``tile_size`` crops of
+        data at ``voxel_size_um``."""
+        return ModelConfig(
+            arch=self.arch, encoder=self.encoder, in_chans=self.in_chans,
+            normalization=Normalization.from_dict(self.normalization), voxel_size_um=voxel_size_um,
+            tile_size=tile_size, model_kwargs=self.model_kwargs, spatial_dims=self.spatial_dims,
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; loadable from YAML (``TrainConfig.from_yaml``).
+
+    Volumes are named as in the Kaggle layout under ``data_root``. ``soft_labels`` maps a volume
+    name (train or test split) to a ``.npy`` of uint8 soft labels (0..255, e.g. from
+    ``make_pseudo_labels``) used as its target instead of (or, for test volumes, in the absence
+    of) its labels. ``model``, ``crops`` and ``optim`` are ``ModelOptions``, ``data.CropConfig``
+    and ``optim.OptimConfig``, each given as the object or as a mapping of its options;
+    ``crops.in_chans`` follows ``model.in_chans``. ``from_dict``/``from_yaml`` also take
+    ``base:``/``recipe:`` and the flat keys of older configs (``recipes.py``).
+
+    Example::
+
+        config = TrainConfig.from_dict({"base": "synthetic_cpu", "data_root": "demo_out/data",
+                                        "crops": {"crop_size": 96}, "epochs": 2})
+        train(config)
+    """
+
+    data_root: str
+    out_dir: str = "runs/unet"
+    train_volumes: list[str] = field(default_factory=lambda: ["kidney_1_dense", "kidney_2"])
+    val_volumes: list[str] = field(default_factory=lambda: ["kidney_3_dense"])
+    volume_weights: dict[str, float] = field(default_factory=dict)
+    soft_labels: dict[str, str] = field(default_factory=dict)
+    cache_dir: str | None = None
+    model: ModelOptions = field(default_factory=ModelOptions)
+    crops: CropConfig = field(default_factory=lambda: CropConfig(**_CROP_DEFAULTS))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: str | dict | list = "5th_place"  # see losses.build_loss
+    epochs: int = 20
+    batch_size: int = 16
+    amp: bool | None = None  # None: on for CUDA
+    # runtime
+    device: str | None = None  # None: the first usable device (devices.usable_devices)
+    num_workers: int = 2
+    seed: int = 0
+    val_threshold: float | None = None  # None: calibrate on validation (stored in the checkpoint)
+    val_voxel_sizes_um: list[float] = field(default_factory=list)  # also validate resampled to these
+    val_batch_size: int = 4
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_option_types(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)})
+        self.model = _section(ModelOptions, self.model, "model.")
+        self.optim = _section(OptimConfig, self.optim, "optim.")
+        crops = _section(CropConfig, self.crops, "crops.", defaults=_CROP_DEFAULTS, exclude=_CROPS_IN_CHANS)
+        self.crops = dataclasses.replace(crops, in_chans=self.model.in_chans)
+        if self.model.spatial_dims != 2:
+            raise ValueError(f"training cuts 2D crops: model.spatial_dims must be 2, got {self.model.spatial_dims}")
+        if self.num_workers < 0 or self.val_batch_size < 1:
+            raise ValueError(f"num_workers must be >= 0 and val_batch_size >= 1, got {self.num_workers}, {self.val_batch_size}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not self.train_volumes:
+            raise ValueError("train_volumes is empty")
+        step = self.batch_size * self.optim.accumulate_steps
+        if self.crops.crops_per_epoch < step:
+            raise ValueError(
+                f"crops.crops_per_epoch ({self.crops.crops_per_epoch}) must hold at least one optimiser step "
+                f"(batch_size x optim.accumulate_steps = {step})"
+            )
+        if self.val_threshold is not None and not 0.0 < self.val_threshold < 1.0:
+            raise ValueError(f"val_threshold is a probability in (0, 1) or null (calibrate), got {self.val_threshold}")
+        for size in self.val_voxel_sizes_um:
+            if not (isinstance(size, (int, float)) and not isinstance(size, bool) and 0 < size < math.inf):
+                raise ValueError(f"val_voxel_sizes_um must be positive voxel sizes in µm, got {self.val_voxel_sizes_um}")
+        overlap = set(self.train_volumes) & set(self.val_volumes)
+        if overlap:
+            raise ValueError(f"volumes {sorted(overlap)} are in both train_volumes and val_volumes")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
+        """The config a YAML file describes (relative ``base:`` paths start from its folder)."""
+        return cls.from_dict(load_yaml_mapping(path, what="training config"), origin=path)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, origin: str | os.PathLike | None = None) -> TrainConfig:
+        """A config from options: ``base:``/``recipe:`` chains merged and flat keys of older
+        configs moved into their sections first (``recipes.resolve_config``); ``origin`` is the
+        file they came from."""
+        values = resolve_config(values, origin=origin)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names, key=str)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; valid options: {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options in the nested form ``from_dict`` reads (``crops.in_chans`` left out: it is
+        ``model.in_chans``)."""
+        values = asdict(self)
+        del values["crops"]["in_chans"]
+        return values
+
+
+def _section(cls: type[T], value: Any, prefix: str, *, defaults: Mapping[str, Any] | None = None,
+             exclude: Mapping[str, str] | None = None) -> T:
+    """``value`` as a ``cls``: as it is, or built from a mapping (``defaults`` under it)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        value = {**(defaults or {}), **value}
+    return section_from_mapping(cls, value, prefix=prefix, exclude=exclude)
