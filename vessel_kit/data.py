@@ -73,6 +73,10 @@ class TrainVolume:
         valid: optional (Z, Y, X) mask, nonzero where labels are trusted (sparse annotation).
         weight: how often this volume is sampled relative to the others.
         voxel_size_um: its voxel size, recorded in checkpoints.
+
+    Example::
+
+        volume = TrainVolume("kidney_1_dense", images, labels, weight=1.0, voxel_size_um=50.0)
     """
 
     name: str
@@ -118,6 +122,10 @@ class CropConfig:
         intensity_p: gamma, contrast/brightness, gaussian blur and gaussian noise, after
             normalisation, image only.
         invert_p: invert intensities within the normalised range.
+
+    Example::
+
+        crops = CropConfig(crop_size=128, in_chans=3, foreground_fraction=0.7, rotate_p=0.2)
     """
 
     crop_size: int = 256
@@ -171,6 +179,12 @@ class CropDataset(Dataset):
 
     Items are dicts of float32 tensors: ``image`` (C, S, S), ``target`` (1, S, S) and ``valid``
     (1, S, S). Call ``set_epoch`` before each epoch for fresh crops.
+
+    Example::
+
+        dataset = CropDataset([volume], CropConfig(crop_size=128), Normalization("percentile"), seed=0)
+        dataset.set_epoch(3)
+        item = dataset[0]  # {"image": (1, 128, 128), "target": ..., "valid": ...}
     """
 
     def __init__(

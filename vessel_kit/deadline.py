@@ -25,7 +25,13 @@ class DeadlineWarning(UserWarning):
 
 class Deadline:
     """An optional end time (``at``, a ``time.monotonic()`` time; None: no deadline), the
-    ``total`` tiles planned (for the message) and the tiles recorded since it was made."""
+    ``total`` tiles planned (for the message) and the tiles recorded since it was made.
+
+    Example::
+
+        clock = Deadline(time.monotonic() + 60, total=100)
+        clock.record(10)  # TimeoutError once the minute is past
+    """
 
     def __init__(self, at: float | None, total: int) -> None:
         self.at, self.total = at, total

@@ -31,7 +31,13 @@ __all__ = ["DEFAULT_THRESHOLD", "Ensemble", "ModelSource", "check_tile_size", "l
 @dataclass
 class Ensemble:
     """Models whose logits are averaged (with ``weights``), how they must be fed, and the
-    probability threshold calibrated for them (None: not calibrated)."""
+    probability threshold calibrated for them (None: not calibrated).
+
+    Example::
+
+        ensemble = load_ensemble(["fold0.safetensors", "fold1.safetensors"])
+        predictor = Predictor(ensemble, InferConfig(tta="none"))
+    """
 
     models: list[torch.nn.Module]
     weights: list[float]

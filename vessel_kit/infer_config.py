@@ -46,6 +46,11 @@ class InferConfig:
     checkpoints' calibrated one), ``hysteresis``, ``top_fraction``, ``min_component_size``.
 
     Lists given for tuple fields are stored as tuples, so two equal configs compare equal.
+
+    Example::
+
+        config = InferConfig.from_dict({"axes": ["xy"], "tta": "none", "threshold": 0.3})
+        config.to_dict()["axes"]  # ["xy"]
     """
 
     # geometry

@@ -156,7 +156,13 @@ def as_source(obj: Any, *, voxel_size_um: float | None = None) -> VolumeSource:
 
 class Slab(NamedTuple):
     """Planes ``[start, stop)`` along an axis and their ``halo`` neighbours: ``block[k]`` is plane
-    ``start - halo + k`` (see ``read_planes``)."""
+    ``start - halo + k`` (see ``read_planes``).
+
+    Example::
+
+        for slab in iter_slabs(source, axis=1, size=8, halo=1):  # xz planes, 3 channels each
+            planes = slab.block[1:-1]
+    """
 
     start: int
     stop: int

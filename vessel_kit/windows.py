@@ -74,7 +74,13 @@ class _Grid:
 @dataclass(frozen=True)
 class PlanePass:
     """Every plane along ``axis`` ("xy": planes along Z, ...), tiled by ``grid``, its blended
-    logits added into the accumulator times ``weight``."""
+    logits added into the accumulator times ``weight``.
+
+    Example::
+
+        (xy,) = plan_planes((64, 256, 256), {"xy": 1.0}, tile=128, overlap=0.5, stride=32)
+        xy.tile_count  # 64 planes x 3 x 3 tiles
+    """
 
     axis: str
     weight: float
@@ -88,7 +94,13 @@ class PlanePass:
 
 @dataclass(frozen=True)
 class PatchPass:
-    """The whole volume cut into 3D patches by ``grid``; ``weight`` as for a plane pass."""
+    """The whole volume cut into 3D patches by ``grid``; ``weight`` as for a plane pass.
+
+    Example::
+
+        patches = plan_patches((64, 256, 256), tile=(32, 128, 128), overlap=0.5, stride=16)
+        patches.grid.starts  # ((0, 16, 32), (0, 64, 128), (0, 64, 128))
+    """
 
     weight: float
     grid: _Grid
