@@ -1,4 +1,5 @@
-"""Benchmark: vessel_kit.infer.infer_volume -- its overhead, MONAI's SliceInferer, memory scaling.
+"""Benchmark: vessel_kit.infer.infer_volume -- its overhead, MONAI's SliceInferer, memory scaling,
+and the 3D sliding window against MONAI's sliding_window_inference.
 
 One model for every contender: ``vessel_kit.models.build_model("unet", "resnet18", in_chans=1,
 encoder_weights=None)`` in eval mode, random weights after ``torch.manual_seed(0)``. One input:
@@ -25,6 +26,16 @@ benchmarks/_common.py) with ``torch.set_num_threads(2)`` under ``torch.inference
    peak = a + b * input bytes. Also tracemalloc's peak of the numpy buffers alive at once (the
    accumulator, the mask, per-plane buffers; torch's activations are not in it), which does
    not have RSS's +-20 MiB run-to-run noise. Goal: b <= 2.5.
+4. 3D sliding window (--parts 3d). One 3D model, a MONAI DynUNet built by vessel_kit
+   (``ModelConfig(arch="dynunet", spatial_dims=3, model_kwargs={"filters": [8, 16, 32, 64],
+   "strides": [1, 2, 2, 2]})``, random weights after ``torch.manual_seed(0)``). ours =
+   ``Predictor(model, InferConfig(tile_size=patch, overlap, tta="none", batch_size=batch_3d),
+   in_chans=1, normalization=Normalization("unit")).predict(volume)``; MONAI =
+   ``sliding_window_inference(x / 65535, roi_size=(patch,) * 3, sw_batch_size=batch_3d,
+   predictor=model, overlap=overlap, mode="gaussian") > 0`` on the whole (1, 1, Z, Y, X) float32
+   tensor. Same patches (patch 64, overlap 0.5), on --shapes-3d (default 64x128x128 and
+   128x128x256), time and peak memory as MONAI / ours, and the masks' Dice. Goals: ours at least
+   as fast, and ours' peak <= MONAI's / 2.
 
 Peak memory is the child's highest RSS during the runs minus its RSS once the imports are done,
 the model is built and the volume is loaded (see benchmarks/README.md). torch's 2 OpenMP threads
@@ -36,6 +47,7 @@ idle CPUs (--wait-idle) and runs a disturbed child again (--retries). --profile 
     python benchmarks/bench_infer.py --parts overhead --shape 16x256x256 --repeat 3
     python benchmarks/bench_infer.py --parts monai --monai-shapes 128x128x128,128x128x512
     python benchmarks/bench_infer.py --parts memory --mem-shapes 128x128x128,128x128x512,128x128x1024
+    python benchmarks/bench_infer.py --parts 3d --shapes-3d 64x128x128,128x128x256 --patch 64
 """
 
 from __future__ import annotations
@@ -58,9 +70,11 @@ import _common  # noqa: E402
 GOAL_OVERHEAD = 1.10  # ours (xy, no TTA) / pure forward of the same tiles
 GOAL_MEMORY_VS_MONAI = 3.0  # MONAI's peak / ours', 3 axes
 GOAL_BYTES_PER_INPUT_BYTE = 2.5  # peak / input bytes beyond the fixed cost
+GOAL_MEMORY_VS_MONAI_3D = 2.0  # MONAI's peak / ours', 3D sliding window
 THREADS = 2
 AXES_3 = ("xy", "xz", "yz")
-PARTS = ("overhead", "monai", "memory")
+PARTS = ("overhead", "monai", "memory", "3d")
+MODEL_3D = {"filters": [8, 16, 32, 64], "strides": [1, 2, 2, 2]}  # a small DynUNet (stride 8)
 
 
 # --- shared helpers -------------------------------------------------------------------------
@@ -110,6 +124,42 @@ def _model():
 
     torch.manual_seed(0)
     return build_model("unet", "resnet18", in_chans=1, encoder_weights=None).eval()
+
+
+def _model_3d(args):
+    import torch
+
+    from vessel_kit.models import ModelConfig, build_model_from_config
+
+    torch.manual_seed(0)
+    config = ModelConfig(arch="dynunet", spatial_dims=3, tile_size=args.patch, model_kwargs=MODEL_3D)
+    return build_model_from_config(config).eval()
+
+
+def _make_ours_3d(args, model):
+    from vessel_kit.infer_config import InferConfig
+    from vessel_kit.normalize import Normalization
+    from vessel_kit.predictor import Predictor
+
+    config = InferConfig(tile_size=args.patch, overlap=args.overlap, tta="none", batch_size=args.batch_3d,
+                         device="cpu", threshold=0.5, progress=False)
+    predictor = Predictor(model, config, in_chans=1, normalization=Normalization("unit"))
+    return lambda volume: predictor.predict(volume)
+
+
+def _make_monai_3d(args, model):
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    def run(volume):
+        x = torch.from_numpy(volume.astype(np.float32)[None, None])
+        x /= 65535.0
+        logits = sliding_window_inference(x, roi_size=(args.patch,) * 3, sw_batch_size=args.batch_3d,
+                                          predictor=model, overlap=args.overlap, mode="gaussian")
+        del x
+        return (logits > 0)[0, 0].numpy()
+
+    return run
 
 
 def _make_ours(args, model):
@@ -185,9 +235,13 @@ def child_main(args) -> None:
     torch.set_num_threads(THREADS)
     shape = _common.parse_shape(args.shape, 3)
     workdir = Path(args.workdir)
-    model = _model()
+    model = _model_3d(args) if args.child in ("ours3d", "monai3d") else _model()
     extra = {}
-    if args.child == "ours":
+    if args.child == "ours3d":
+        run = _make_ours_3d(args, model)
+    elif args.child == "monai3d":
+        run = _make_monai_3d(args, model)
+    elif args.child == "ours":
         run = _make_ours(args, model)
     elif args.child == "monai":
         run = _make_monai(args, model)
@@ -354,6 +408,10 @@ def main(argv=None) -> int:
                         help="run a child again (up to this many times) when other processes used the CPUs "
                              "during it; the least disturbed run is kept (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="synth seed (default %(default)s)")
+    parser.add_argument("--shapes-3d", default="64x128x128,128x128x256",
+                        help="volume sizes for the 3D part, comma-separated (default %(default)s)")
+    parser.add_argument("--patch", type=int, default=64, help="3D patch side (default %(default)s)")
+    parser.add_argument("--batch-3d", type=int, default=2, help="3D patches per forward (default %(default)s)")
     _common.add_child_options(parser)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--axes", default="xy", help=argparse.SUPPRESS)
@@ -373,6 +431,7 @@ def main(argv=None) -> int:
     shape = _common.parse_shape(args.shape, 3)
     mem_shapes = [_common.parse_shape(s, 3) for s in args.mem_shapes.split(",")]
     monai_shapes = [_common.parse_shape(s, 3) for s in args.monai_shapes.split(",")] if args.monai_shapes else [shape]
+    shapes_3d = [_common.parse_shape(s, 3) for s in args.shapes_3d.split(",")]
     if "memory" in parts and len(mem_shapes) < 2:
         parser.error("--mem-shapes needs at least two shapes")
 
@@ -389,18 +448,22 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     sources = _common.source_digests("vessel_kit.infer", "vessel_kit.normalize", "vessel_kit.models",
-                                     "vessel_kit.synth")
+                                     "vessel_kit.synth", "vessel_kit.predictor", "vessel_kit.windows",
+                                     "vessel_kit.models_3d")
     print("sources (sha256): " + ", ".join(f"{m} {d}" for m, d in sources.items()))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"model: unet/resnet18, in_chans 1, random weights (seed 0); tile {args.tile}, overlap {args.overlap}, "
           f"batch {args.batch}, {THREADS} torch threads")
+    if "3d" in parts:
+        print(f"3D model: dynunet {MODEL_3D}, random weights (seed 0); patch {args.patch}, overlap {args.overlap}, "
+              f"batch {args.batch_3d}")
 
     results, report = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         workdir = Path(tmp)
         inputs = {}
         for s in (([shape] if "overhead" in parts else []) + (monai_shapes if "monai" in parts else [])
-                  + (mem_shapes if "memory" in parts else [])):
+                  + (mem_shapes if "memory" in parts else []) + (shapes_3d if "3d" in parts else [])):
             if shape_text(s) not in inputs:
                 inputs[shape_text(s)] = build_volume(s, args.seed, workdir)
         for key, info in inputs.items():
@@ -476,6 +539,24 @@ def main(argv=None) -> int:
                 fits[f"{n_axes} axes, numpy arrays only"] = linear_fit([(x, traced) for x, _, traced in points])
             report["memory"] = fits
 
+        if "3d" in parts:
+            report["3d"] = {}
+            extra = ["--patch", str(args.patch), "--batch-3d", str(args.batch_3d)]
+            for s in shapes_3d:
+                tag = shape_text(s)
+                ours = results[f"ours 3d {tag}"] = _run(f"ours: 3D patches {args.patch}, {tag}", "ours3d", s, args, workdir,
+                                                        axes=("3d",), extra=[*extra, "--save-mask", str(workdir / f"o3_{tag}.npy")])
+                peer = results[f"monai 3d {tag}"] = _run(f"MONAI sliding_window_inference, {tag}", "monai3d", s, args,
+                                                         workdir, axes=("3d",),
+                                                         extra=[*extra, "--save-mask", str(workdir / f"m3_{tag}.npy")])
+                report["3d"][tag] = {
+                    "ours_best_s": ours["best_s"], "monai_best_s": peer["best_s"], "speedup": peer["best_s"] / ours["best_s"],
+                    "ours_peak_mib": ours["peak_above_baseline_mib"], "monai_peak_mib": peer["peak_above_baseline_mib"],
+                    "memory_ratio": peer["peak_above_baseline_mib"] / max(ours["peak_above_baseline_mib"], 1e-9),
+                    "input_mib": ours["volume_bytes"] / _common.MiB,
+                    "masks": mask_agreement(np.load(workdir / f"o3_{tag}.npy"), np.load(workdir / f"m3_{tag}.npy")),
+                }
+
     # --- console report -------------------------------------------------------------------
     print()
     _common.print_table(
@@ -510,6 +591,12 @@ def main(argv=None) -> int:
               f"(foreground ours {m['ours_foreground_pct']:.2f} %, MONAI {m['monai_foreground_pct']:.2f} %)")
         goals[f"ours faster than MONAI (3 axes, {tag})"] = m["speedup"] > 1.0
         goals[f"MONAI peak / ours >= {GOAL_MEMORY_VS_MONAI:g} ({tag})"] = m["memory_ratio"] >= GOAL_MEMORY_VS_MONAI
+    for tag, m in report.get("3d", {}).items():
+        print(f"3D, {tag} ({m['input_mib']:.0f} MiB input), patch {args.patch}: ours {m['ours_best_s']:.2f} s vs MONAI "
+              f"{m['monai_best_s']:.2f} s -> ours {m['speedup']:.2f}x as fast; peak {m['ours_peak_mib']:.1f} vs "
+              f"{m['monai_peak_mib']:.1f} MiB -> MONAI/ours {m['memory_ratio']:.2f}x; masks Dice {m['masks']['dice']:.5f}")
+        goals[f"3D ours at least as fast as MONAI ({tag})"] = m["speedup"] >= 1.0
+        goals[f"3D MONAI peak / ours >= {GOAL_MEMORY_VS_MONAI_3D:g} ({tag})"] = m["memory_ratio"] >= GOAL_MEMORY_VS_MONAI_3D
     for name, fit in report.get("monai_memory_fit", {}).items():
         print(f"MONAI comparison, peak of {name} (3 axes, tta none) = {fit['a_fixed_mib']:.1f} MiB + "
               f"{fit['b_bytes_per_input_byte']:.2f} x input bytes (max residual {fit['max_residual_mib']:.1f} MiB)")
@@ -538,6 +625,7 @@ def main(argv=None) -> int:
         "benchmark": "infer", "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d"), "machine": machine, "versions": versions, "sources": sources,
         "settings": {"tile": args.tile, "overlap": args.overlap, "batch": args.batch, "threads": THREADS,
+                     "patch_3d": args.patch, "batch_3d": args.batch_3d, "model_3d": MODEL_3D,
                      "repeat": args.repeat, "mem_repeat": args.mem_repeat, "seed": args.seed,
                      "wait_idle_s": args.wait_idle, "retries": args.retries},
         "inputs": inputs, "results": results, "report": report, "goals": goals,

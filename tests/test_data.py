@@ -15,6 +15,7 @@ from vessel_kit.data import (
     cache_volume,
     extract_crop,
 )
+from vessel_kit.augment import cutmix
 from vessel_kit.layout import find_volumes
 from vessel_kit.normalize import Normalization
 from vessel_kit.synth import make_synthetic_dataset, make_synthetic_volume
@@ -275,3 +276,36 @@ def test_cache_volume_maps_once(tmp_path):
     stamp = (tmp_path / "cache" / "kidney_3_dense_images.npy").stat().st_mtime_ns
     cache_volume(info, tmp_path / "cache", progress=False)
     assert (tmp_path / "cache" / "kidney_3_dense_images.npy").stat().st_mtime_ns == stamp
+
+
+def test_cutmix_pastes_image_target_and_valid_alike():
+    labels = make_synthetic_volume((24, 96, 96), seed=2)[1]
+    images = np.where(labels, 60000, 1000).astype(np.uint16)
+    ignore = np.ones(labels.shape, bool)
+    ignore[:, :, :30] = False
+    volumes = [TrainVolume("a", images, labels, valid=ignore)]
+    plain = _dataset(volumes, in_chans=1, foreground_fraction=0.5)
+    mixed = _dataset(volumes, in_chans=1, foreground_fraction=0.5, cutmix_p=1.0)
+    changed = 0
+    for i in range(20):
+        item, base = mixed[i], plain[i]
+        # The image still shows the vessels of the target, and valid 0 where the image is ignored.
+        counted = item["valid"][0] > 0
+        assert torch.equal((item["image"][0] > 0.5) & counted, (item["target"][0] > 0.5) & counted)
+        changed += not torch.equal(item["image"], base["image"])
+    assert changed > 10
+    with pytest.raises(ValueError, match="cutmix_p is a probability"):
+        CropConfig(crop_size=64, cutmix_p=1.5)
+
+
+def test_cutmix_takes_one_box_from_the_second_item_in_every_array():
+    rng = np.random.default_rng(0)
+    first = (np.zeros((3, 32, 40), np.float32), np.zeros((32, 40), np.float32), np.zeros((32, 40), np.float32))
+    second = tuple(np.ones_like(a) for a in first)
+    for _ in range(10):
+        image, target, valid = cutmix(first, second, rng)
+        box = target == 1
+        assert all(np.array_equal(channel == 1, box) for channel in image) and np.array_equal(valid == 1, box)
+        rows, columns = np.nonzero(box.any(axis=1))[0], np.nonzero(box.any(axis=0))[0]
+        assert box.sum() == len(rows) * len(columns)  # one rectangle
+    assert not first[1].any()  # the inputs are not changed

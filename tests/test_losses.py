@@ -412,3 +412,43 @@ def test_gradients_flow(spec, dtype):
     assert grad.dtype == dtype and torch.isfinite(grad).all()
     assert grad[valid > 0].abs().sum() > 0
     assert (grad[valid == 0] == 0).all()
+
+
+def _tube(shift: int = 0) -> torch.Tensor:
+    """A (1, 1, 8, 16, 16) target: a 4x4 tube along z, moved ``shift`` voxels along x."""
+    target = torch.zeros(1, 1, 8, 16, 16)
+    target[..., 6:10, 6 + shift : 10 + shift] = 1.0
+    return target
+
+
+def test_boundary_dou_is_zero_for_a_perfect_prediction_and_grows_with_a_shift():
+    loss = build_loss("boundary_dou")
+    target = _tube()
+    perfect = loss(40 * (2 * target - 1), target)
+    shifted = [loss(40 * (2 * _tube(shift) - 1), target).item() for shift in (1, 2, 4)]
+    assert perfect.item() < 1e-6
+    assert 0 < shifted[0] < shifted[1] < shifted[2] <= 1.0 + 1e-6
+    flat = loss(40 * (2 * target[:, :, 0] - 1), target[:, :, 0])  # 2D works too
+    assert flat.item() < 1e-6
+
+
+def test_boundary_dou_alpha_follows_the_boundary_share():
+    """A thin target (all boundary) gives alpha = -1: the loss is then 1 - 2I / (P² + T²)."""
+    target = torch.zeros(1, 1, 6, 6)
+    target[..., 2, 1:5] = 1.0
+    logits = torch.randn(1, 1, 6, 6)
+    p = torch.sigmoid(logits)
+    expected = 1 - 2 * (p * target).sum() / ((p * p).sum() + (target * target).sum() + 1e-5)
+    assert build_loss("boundary_dou")(logits, target).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_losses_and_boundary_weights_take_3d_batches():
+    target = _tube()
+    logits = torch.randn_like(target, requires_grad=True)
+    for spec in ALL_SPECS:
+        value = build_loss(spec)(logits, target, torch.ones_like(target))
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(logits.grad).all(), spec
+    weights = boundary_weights(target, width=1.0, strength=4.0)
+    assert weights[0, 0, 4, 5, 7] == pytest.approx(5.0)  # just outside the tube: on the boundary
+    assert weights[0, 0, 4, 0, 0] < weights[0, 0, 4, 4, 7] < weights[0, 0, 4, 5, 7]

@@ -123,7 +123,7 @@ def test_default_maxvit_base_runs_at_512():
 
 
 def test_unknown_arch_and_encoder():
-    with pytest.raises(ValueError, match=r"unknown architecture 'segnet'.*'fpn', 'unet', 'unetplusplus'"):
+    with pytest.raises(ValueError, match=r"unknown architecture 'segnet'.*'dynunet', 'fpn', 'resunet', 'unet', 'unetplusplus'"):
         build_model("segnet", "resnet18")
     with pytest.raises(ValueError, match=r"unknown encoder 'resnet-18'.*'resnet18'.*list_encoders\(\)"):
         build_model("unet", "resnet-18")

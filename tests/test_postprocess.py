@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from vessel_kit.postprocess import hysteresis_threshold, remove_small_components
+from vessel_kit.postprocess import hull_gate, hysteresis_threshold, remove_small_components
 
 # 8-connected within a slice, face-connected across slices.
 STRUCTURE = np.zeros((3, 3, 3), bool)
@@ -77,3 +77,42 @@ def test_hysteresis_grows_through_slices_from_a_seed():
     assert mask[:, 2, 2].all() and mask.sum() == 6
     with pytest.raises(ValueError, match="low < high"):
         hysteresis_threshold(scores, scores.shape, 0.4, 0.8)
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_3d_connectivities_match_scipy(connectivity, seed):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((10, 24, 20)) < 0.2
+    rank = {6: 1, 18: 2, 26: 3}[connectivity]
+    labels, _ = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, rank))
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= 6
+    keep[0] = False
+    np.testing.assert_array_equal(remove_small_components(mask, 6, connectivity=connectivity), keep[labels])
+
+
+def test_diagonal_neighbours_across_slices_join_only_with_26():
+    mask = np.zeros((2, 5, 5), bool)
+    mask[0, 1, 1] = mask[1, 2, 2] = True  # touching at a corner across the slices
+    assert not remove_small_components(mask, 2).any()  # default: face-connected across slices
+    assert not remove_small_components(mask, 2, connectivity=18).any()
+    np.testing.assert_array_equal(remove_small_components(mask, 2, connectivity=26), mask)
+    with pytest.raises(ValueError, match="connectivity must be one of"):
+        remove_small_components(mask, 2, connectivity=8)
+
+
+def test_hull_gate_keeps_the_mask_within_a_ball_of_the_other():
+    other = np.zeros((9, 15, 15), bool)
+    other[4, 7, 7] = True
+    mask = np.ones(other.shape, bool)
+    gated = hull_gate(mask, other, 3)
+    z, y, x = np.indices(other.shape)
+    np.testing.assert_array_equal(gated, (z - 4) ** 2 + (y - 7) ** 2 + (x - 7) ** 2 <= 9)
+    np.testing.assert_array_equal(hull_gate(mask, other, 0), other)
+    out = mask.copy()
+    assert hull_gate(out, other, 2, out=out) is out and out.sum() == np.sum((z - 4) ** 2 + (y - 7) ** 2 + (x - 7) ** 2 <= 4)
+    with pytest.raises(ValueError, match="dilation must be a non-negative int"):
+        hull_gate(mask, other, -1)
+    with pytest.raises(ValueError, match="other has shape"):
+        hull_gate(mask, other[:3], 1)

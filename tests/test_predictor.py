@@ -134,6 +134,55 @@ def test_3d_models_are_recognised_and_their_tile_sizes_checked(volume):
         Predictor(PointwiseLogits3d(), InferConfig(tile_size=(32, 48, 32)), in_chans=1, normalization=UNIT)
 
 
+class AffineLogits3d(PointwiseLogits3d):
+    """A pointwise 3D network with logits = -4 x input + 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.conv.weight.fill_(-4.0)
+            self.conv.bias.fill_(2.0)
+
+
+def test_an_ensemble_mixing_2d_and_3d_models_averages_their_logits_with_weights(volume):
+    """The 2D models' plane passes and the 3D models' patch pass fill one accumulator, each
+    weighted by its models' share: 1:3 gives 0.25 x the 2D logits + 0.75 x the 3D ones."""
+    config = InferConfig(axes=("xy", "yz"), tta="flips", tile_size=32, progress=False)
+    predictor = Predictor([PointwiseLogits2d(), AffineLogits3d()], config, model_weights=[1, 3], in_chans=3,
+                          normalization=UNIT)
+    assert [(group.spatial_dims, group.in_chans, share) for group, share in predictor.ensemble.groups()] == \
+        [(2, 3, 0.25), (3, 1, 0.75)]
+    mixed = predictor.logits(volume).array().astype(np.float64)
+    x = volume.astype(np.float64) / 65535
+    np.testing.assert_allclose(mixed, 0.25 * (10 * x - 5) + 0.75 * (-4 * x + 2), atol=FP16)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"axes": ("xz",)}, r"inference options axes=\['xz'\], axis_weights=None choose plane passes, but these models are 3D"),
+        ({"axis_weights": {"xy": 1.0, "xz": 1.0, "yz": 2.0}}, "choose plane passes, but these models are 3D"),
+        ({"reverse_slices": True}, "inference option reverse_slices=True .* set reverse_slices=False"),
+        ({"tta": "d4", "tile_size": (32, 32, 64)}, r"tta='d4' rotates 3D patches .* tile_size is \(32, 32, 64\): use tta='flips'"),
+    ],
+)
+def test_3d_models_refuse_plane_pass_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        Predictor(PointwiseLogits3d(), InferConfig(**options), in_chans=1, normalization=UNIT)
+
+
+def test_3d_models_take_the_volumes_own_axis_and_square_d4(volume):
+    config = InferConfig(axes=("xy",), tta="d4", tile_size=(32, 64, 64), progress=False)
+    part = volume[:, :40, :60]  # a patch larger than the volume in Y and X: padded
+    logits = Predictor(PointwiseLogits3d(), config, in_chans=1, normalization=UNIT).logits(part)
+    np.testing.assert_allclose(logits.array().astype(np.float64), expected(part), atol=FP16)
+    # In a mixed ensemble the plane-pass options are the 2D models'.
+    Predictor([PointwiseLogits2d(), PointwiseLogits3d()], InferConfig(axes=("xz",), reverse_slices=True),
+              in_chans=3, normalization=UNIT)
+    with pytest.raises(ValueError, match="in_chans=3 was given, but 3D models read one channel"):
+        Predictor(PointwiseLogits3d(), InferConfig(), in_chans=3, normalization=UNIT)
+
+
 def test_3d_patches_keep_the_deadline(volume):
     import time
 

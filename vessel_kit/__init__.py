@@ -22,6 +22,7 @@ from .rle import (
     validate_submission,
     write_submission,
 )
+from .sources import ArraySource, TiffStackSource, VolumeSource, as_source
 from .volume import read_labels, read_slice_header, read_volume, slice_files, slice_ids, write_volume
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ _LAZY = {
     "cache_volume": "data",
     "DeadlineWarning": "deadline",
     "Ensemble": "ensemble",
+    "MixedEnsemble": "ensemble",
     "InferConfig": "infer_config",
     "LogitVolume": "predictor",
     "Predictor": "predictor",
@@ -41,6 +43,13 @@ _LAZY = {
     "load_ensemble": "ensemble",
     "build_loss": "losses",
     "ModelConfig": "models",
+    "register_architecture": "models",
+    "OptimConfig": "optim",
+    "PatchConfig": "patches",
+    "PatchDataset": "patches",
+    "hull_gate": "postprocess",
+    "list_recipes": "recipes",
+    "list_infer_presets": "infer_config",
     "ModelEMA": "ema",
     "build_model": "models",
     "load_checkpoint": "models",
@@ -63,13 +72,17 @@ if TYPE_CHECKING:  # what IDEs and type checkers see of the lazy names
     from .bundle import Bundle, read_bundle
     from .data import CropConfig, CropDataset, TrainVolume, cache_volume
     from .deadline import DeadlineWarning
+    from .ema import ModelEMA
     from .devices import usable_devices
-    from .ensemble import Ensemble, load_ensemble
+    from .ensemble import Ensemble, MixedEnsemble, load_ensemble
     from .infer import infer_volume
-    from .infer_config import InferConfig
+    from .infer_config import InferConfig, list_infer_presets
     from .losses import build_loss
-    from .models import ModelConfig, ModelEMA, build_model, load_checkpoint, save_checkpoint
-    from .postprocess import remove_small_components
+    from .models import ModelConfig, build_model, load_checkpoint, register_architecture, save_checkpoint
+    from .optim import OptimConfig
+    from .patches import PatchConfig, PatchDataset
+    from .postprocess import hull_gate, remove_small_components
+    from .recipes import list_recipes
     from .predictor import LogitVolume, Predictor
     from .pseudo import make_pseudo_labels
     from .qc import qc_report
@@ -87,14 +100,18 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ArraySource",
     "EMPTY_RLE",
     "KNOWN_VOXEL_SIZES_UM",
     "NORMALIZATION_MODES",
     "Normalization",
     "SubmissionWriter",
     "SurfaceDiceAccumulator",
+    "TiffStackSource",
+    "VolumeSource",
     "VolumeInfo",
     "__version__",
+    "as_source",
     "dice",
     "find_volumes",
     "parse_rle",

@@ -1,4 +1,5 @@
-"""Random draws for training-time robustness: plane rotations, zoom factors and an intensity chain.
+"""Random draws for training-time robustness: plane rotations, zoom factors, an intensity chain
+and CutMix.
 
 Geometry is drawn here and applied by ``oblique.sample_crop``; intensities are changed after
 normalisation, on the image only (labels and masks are never touched). The intensity chain works
@@ -9,6 +10,7 @@ maps the normalisation's output range onto [0, 1] and back.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +23,7 @@ if TYPE_CHECKING:  # albumentations is imported only to train: inference must no
 __all__ = [
     "augment_intensity",
     "build_intensity_augmentation",
+    "cutmix",
     "log_uniform",
     "random_rotation",
     "random_zoom",
@@ -93,3 +96,29 @@ def augment_intensity(
     unit = np.clip((image - low) / scale, 0.0, 1.0).astype(np.float32)
     out = transform(image=np.ascontiguousarray(unit.transpose(1, 2, 0)))["image"]
     return (out.transpose(2, 0, 1) * scale + low).astype(np.float32)
+
+
+def cutmix(
+    first: Sequence[np.ndarray], second: Sequence[np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, ...]:
+    """CutMix (Yun et al. 2019): ``first``'s arrays with one random box taken from ``second``'s.
+
+    The arrays of an item (image (C, H, W), target (H, W), valid (H, W), ...) share their last two
+    axes and get the same box, so the pasted image keeps its labels and its valid mask. The box
+    covers a fraction 1 - lambda of the plane, lambda uniform in [0, 1] (Beta(1, 1), as in the
+    paper), centred uniformly and clipped at the edges.
+    """
+    height, width = first[0].shape[-2:]
+    cut = np.sqrt(1.0 - rng.uniform())
+    box_h, box_w = int(height * cut), int(width * cut)
+    y, x = int(rng.integers(height)), int(rng.integers(width))
+    rows = slice(max(y - box_h // 2, 0), min(y + box_h - box_h // 2, height))
+    columns = slice(max(x - box_w // 2, 0), min(x + box_w - box_w // 2, width))
+    mixed = []
+    for a, b in zip(first, second, strict=True):
+        if a.shape[-2:] != (height, width) or b.shape != a.shape:
+            raise ValueError(f"cutmix needs arrays of one plane shape, got {a.shape} and {b.shape}")
+        out = np.array(a, copy=True)
+        out[..., rows, columns] = b[..., rows, columns]
+        mixed.append(out)
+    return tuple(mixed)

@@ -2,8 +2,9 @@
 
 ``build_dataset.sh`` runs ``main``: it checks the inference options with ``infer_volume``'s own
 validator and that every checkpoint rebuilds (``load_checkpoint``), downloads the pinned
-dependency wheels (``wheels/requirements-kaggle.txt``) for Kaggle's Python, builds the vessel_kit
-wheel from the checkout, and writes one flat folder:
+dependency wheels (``wheels/requirements-kaggle.txt``, plus ``wheels/requirements-kaggle-3d.txt``,
+i.e. MONAI, when a checkpoint is 3D) for Kaggle's Python, builds the vessel_kit wheel from the
+checkout, and writes one flat folder:
 
     vessel_kit-<version>-py3-none-any.whl, <dependency wheels>   installed offline by the notebook
     requirements.txt              exactly what the notebook installs (``--no-index --no-deps``)
@@ -39,7 +40,8 @@ from typing import Any
 from .atomic import remove_stale_temp_files, replace_folder, temp_path
 from .config_files import load_yaml_mapping
 
-__all__ = ["MANIFEST_NAME", "Bundle", "build_bundle", "collect_checkpoints", "main", "read_bundle", "upload_bundle"]
+__all__ = ["MANIFEST_NAME", "Bundle", "build_bundle", "collect_checkpoints", "main", "read_bundle", "requirement_files",
+           "upload_bundle"]
 
 MANIFEST_NAME = "vessel_kit_manifest.json"
 REQUIREMENTS_NAME = "requirements.txt"
@@ -121,6 +123,7 @@ def build_bundle(
     source_dir: str | os.PathLike,
     requirements: str | os.PathLike,
     wheelhouse: str | os.PathLike,
+    requirements_3d: str | os.PathLike | None = None,
     download: bool = True,
     kaggle_id: str | None = None,
     title: str | None = None,
@@ -133,7 +136,8 @@ def build_bundle(
     Every check runs before ``out`` is touched: ``infer_options`` must be valid ``InferConfig``
     options (names and values; the options ``predict_submission`` sets itself are refused),
     checkpoints must rebuild, every pinned wheel must be in ``wheelhouse`` (downloaded there
-    first unless ``download`` is False) and the vessel_kit wheel must build. The folder is built
+    first unless ``download`` is False) and the vessel_kit wheel must build. The pins are
+    ``requirements``, plus ``requirements_3d`` when a checkpoint is 3D (``requirement_files``). The folder is built
     and verified under a temporary name beside ``out`` (removed on any error or interrupt), then
     swapped in for the previous bundle, so ``out`` always holds one whole bundle.
     """
@@ -142,9 +146,11 @@ def build_bundle(
     named = collect_checkpoints(checkpoints)
     described = {name: _describe_checkpoint(path) for name, path in named.items()}
     log(f"{len(named)} checkpoints rebuild: {', '.join(named)}")
-    pins = _read_pins(requirements)
+    files = requirement_files(requirements, requirements_3d, [item["spatial_dims"] for item in described.values()])
+    pins = [pin for file in files for pin in _read_pins(file)]
     if download:
-        _download_wheels(requirements, wheelhouse, python_version, log)
+        for file in files:
+            _download_wheels(file, wheelhouse, python_version, log)
     wheels = [_find_wheel(wheelhouse, name, version) for name, version in pins]
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out.parent)  # staging folders of killed builds
@@ -206,6 +212,19 @@ def upload_bundle(root: str | os.PathLike, *, message: str, log: Callable[[str],
     log(result.stdout.strip())
 
 
+def requirement_files(requirements: str | os.PathLike, requirements_3d: str | os.PathLike | None,
+                      spatial_dims: Sequence[int]) -> list[Path]:
+    """The pinned-requirement files a bundle of checkpoints with these ``spatial_dims`` installs:
+    ``requirements``, plus ``requirements_3d`` (MONAI) when one checkpoint is 3D."""
+    files = [Path(requirements)]
+    if 3 in spatial_dims:
+        if requirements_3d is None:
+            raise ValueError("a 3D checkpoint needs the MONAI wheel: give requirements_3d "
+                             "(--requirements-3d wheels/requirements-kaggle-3d.txt)")
+        files.append(Path(requirements_3d))
+    return files
+
+
 # --- the command line (build_dataset.sh) --------------------------------------------------------
 
 
@@ -221,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--upload", action="store_true", help="create the dataset, or a new version, with the kaggle CLI")
     parser.add_argument("--message", default="vessel_kit bundle", help="version notes for --upload")
     parser.add_argument("--requirements", type=Path, default=source / "wheels" / "requirements-kaggle.txt")
+    parser.add_argument("--requirements-3d", type=Path, default=source / "wheels" / "requirements-kaggle-3d.txt",
+                        help="wheels added when a checkpoint is 3D (MONAI)")
     parser.add_argument("--wheels", type=Path, default=source / "wheels", help="where the wheels are downloaded to")
     parser.add_argument("--no-download", action="store_true", help="use the wheels already in --wheels; no network")
     parser.add_argument("--python-version", default=KAGGLE_PYTHON, help=f"Kaggle's Python (default {KAGGLE_PYTHON})")
@@ -233,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.upload and args.kaggle_id is None:
             raise ValueError("--upload needs --kaggle-id USER/SLUG")
         bundle = build_bundle(
-            args.out, args.checkpoints, source_dir=source, requirements=args.requirements, wheelhouse=args.wheels,
+            args.out, args.checkpoints, source_dir=source, requirements=args.requirements,
+            requirements_3d=args.requirements_3d, wheelhouse=args.wheels,
             download=not args.no_download, kaggle_id=args.kaggle_id,
             title=args.title or (args.kaggle_id.split("/")[1] if args.kaggle_id else None),
             infer_options=load_yaml_mapping(args.infer_config, what="inference config") if args.infer_config else None,
@@ -266,6 +288,7 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
     config = header["config"]
     return {
         "arch": config.arch, "encoder": config.encoder, "in_chans": config.in_chans, "tile_size": config.tile_size,
+        "spatial_dims": config.spatial_dims,
         "voxel_size_um": config.voxel_size_um, "normalization": config.normalization.to_dict(),
         "metrics": header["metrics"], "trained_on": header["extra"], "written_by": header["versions"],
         "source": str(path),

@@ -17,7 +17,7 @@ import numpy as np
 from .metric import surface_dice
 
 # Candidate probabilities: dense at the low end, where thin and resampled vessels are decided.
-THRESHOLD_GRID = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9)
+THRESHOLD_GRID = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 __all__ = ["THRESHOLD_GRID", "best_threshold_row", "calibrate_threshold", "logit", "threshold_scores"]
 

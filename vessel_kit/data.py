@@ -14,7 +14,12 @@ volume's optional ignore mask says so.
 Robustness options of ``CropConfig`` (all off by default) change how a crop is sampled: tilted
 planes (``rotate_p``), real 3D zoom (``zoom_p``) and low-resolution emulation (``lowres_p``) go
 through one trilinear sampler (``oblique.sample_crop``) that maps image, target and valid alike;
-``intensity_p``/``invert_p`` change the normalised image only.
+``intensity_p``/``invert_p`` change the normalised image only; ``cutmix_p`` pastes a box of a
+second crop into the first, image, target and valid alike.
+
+``SampledVolumes`` holds what the crop datasets share (and ``patches.PatchDataset``, the 3D one):
+volumes drawn by weight, centres near labelled vessels, and one random stream per
+(seed, epoch, index).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .axes import AXES, SLICE_AXIS
 from .augment import (
     augment_intensity,
     build_intensity_augmentation,
+    cutmix,
     log_uniform,
     random_rotation,
     random_zoom,
@@ -54,6 +60,7 @@ __all__ = [
     "AXES",
     "CropConfig",
     "CropDataset",
+    "SampledVolumes",
     "TrainVolume",
     "build_augmentation",
     "cache_volume",
@@ -122,6 +129,8 @@ class CropConfig:
         intensity_p: gamma, contrast/brightness, gaussian blur and gaussian noise, after
             normalisation, image only.
         invert_p: invert intensities within the normalised range.
+        cutmix_p: CutMix: paste a random box (area fraction uniform in [0, 1]) of a second crop
+            into this one, in image, target and valid alike.
 
     Example::
 
@@ -142,6 +151,7 @@ class CropConfig:
     lowres_p: float = 0.0
     intensity_p: float = 0.0
     invert_p: float = 0.0
+    cutmix_p: float = 0.0
 
     def __post_init__(self) -> None:
         if self.crop_size < 32 or self.crop_size % 32:
@@ -161,20 +171,102 @@ class CropConfig:
 
     def _check_robustness(self) -> None:
         """Validate the robustness options; a YAML list for zoom_range becomes a tuple."""
-        for name in ("rotate_p", "zoom_p", "lowres_p", "intensity_p", "invert_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        check_probabilities(self, ("rotate_p", "zoom_p", "lowres_p", "intensity_p", "invert_p", "cutmix_p"))
         if not 0.0 <= self.rotate_max_deg <= 90.0:
             raise ValueError(f"rotate_max_deg must be in [0, 90] degrees, got {self.rotate_max_deg}")
-        zoom = tuple(self.zoom_range)
-        if len(zoom) != 2 or not 0.0 < zoom[0] <= zoom[1]:
-            raise ValueError(f"zoom_range must be (low, high) with 0 < low <= high, got {self.zoom_range!r}")
+        zoom = checked_zoom_range(self.zoom_range)
         if self.lowres_p > 0 and not zoom[0] < 1.0:
             raise ValueError(f"lowres_p needs zoom_range to reach below 1 (a coarser grid), got {self.zoom_range!r}")
-        object.__setattr__(self, "zoom_range", (float(zoom[0]), float(zoom[1])))
+        object.__setattr__(self, "zoom_range", zoom)
 
 
-class CropDataset(Dataset):
+def check_probabilities(config: object, names: Sequence[str]) -> None:
+    """ValueError naming the first of ``config``'s options ``names`` that is not in [0, 1]."""
+    for name in names:
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"{name} is a probability in [0, 1], got {getattr(config, name)}")
+
+
+def checked_zoom_range(zoom_range: Sequence[float]) -> tuple[float, float]:
+    """``zoom_range`` as a (low, high) float tuple (a YAML list is accepted); ValueError unless
+    0 < low <= high."""
+    zoom = tuple(zoom_range)
+    if len(zoom) != 2 or not 0.0 < zoom[0] <= zoom[1]:
+        raise ValueError(f"zoom_range must be (low, high) with 0 < low <= high, got {zoom_range!r}")
+    return float(zoom[0]), float(zoom[1])
+
+
+class SampledVolumes(Dataset):
+    """What the training datasets share: volumes drawn by weight, centres near labelled vessels
+    (``foreground_fraction`` of them) and one random stream per (seed, epoch, index), so item
+    ``i`` of epoch ``e`` is the same in every run and worker. Subclasses cut the items.
+
+    Example::
+
+        class Points(SampledVolumes):
+            def __len__(self): return 10
+            def __getitem__(self, index):
+                rng = self.item_rng(index)
+                volume_index = self.draw_volume(rng)
+                return self.draw_centre(rng, volume_index, jitter=(8, 8, 8))
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[TrainVolume],
+        normalization: Normalization,
+        *,
+        foreground_fraction: float,
+        max_foreground_points: int,
+        seed: int = 0,
+    ) -> None:
+        if not volumes:
+            raise ValueError(f"{type(self).__name__} needs at least one volume")
+        self.volumes = list(volumes)
+        self.normalization = normalization
+        self.foreground_fraction = foreground_fraction
+        self.seed = seed
+        self.epoch = 0
+        self.windows = [normalization.window(v.images) for v in self.volumes]
+        self.foreground = [_foreground_points(v.target, max_foreground_points, seed) for v in self.volumes]
+        self._value_range = None if normalization.mode == "zscore" else (0.0, 1.0)
+        weights = np.array([v.weight for v in self.volumes], dtype=float)
+        self._volume_p = weights / weights.sum()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def item_seed(self, index: int, *salt: int) -> int:
+        """The seed of item ``index`` this epoch (``salt`` gives further independent streams)."""
+        return int(np.random.SeedSequence([self.seed, self.epoch, index, *salt]).generate_state(1)[0])
+
+    def item_rng(self, index: int, *salt: int) -> np.random.Generator:
+        return np.random.default_rng(self.item_seed(index, *salt))
+
+    def draw_volume(self, rng: np.random.Generator) -> int:
+        """The index of a volume, drawn by the volumes' weights."""
+        return int(rng.choice(len(self.volumes), p=self._volume_p))
+
+    def draw_centre(
+        self, rng: np.random.Generator, volume_index: int, jitter: Sequence[int], fixed_axis: int | None = None
+    ) -> tuple[int, int, int]:
+        """A (z, y, x) centre: with probability ``foreground_fraction``, a labelled voxel moved by
+        up to ``jitter`` voxels per axis (not along ``fixed_axis``), so vessels are near, not
+        always at, the centre; else anywhere in the volume."""
+        shape = np.array(self.volumes[volume_index].images.shape)
+        points = self.foreground[volume_index]
+        if len(points) and rng.random() < self.foreground_fraction:
+            half = np.asarray(jitter)
+            offset = rng.integers(-half, half + 1)
+            if fixed_axis is not None:
+                offset[fixed_axis] = 0
+            centre = points[rng.integers(len(points))] + offset
+        else:
+            centre = (rng.random(3) * shape).astype(int)
+        return tuple(int(c) for c in np.clip(centre, 0, shape - 1))
+
+
+class CropDataset(SampledVolumes):
     """Random 2.5D crops from several volumes; item ``i`` of epoch ``e`` is deterministic.
 
     Items are dicts of float32 tensors: ``image`` (C, S, S), ``target`` (1, S, S) and ``valid``
@@ -195,35 +287,34 @@ class CropDataset(Dataset):
         *,
         seed: int = 0,
     ) -> None:
-        if not volumes:
-            raise ValueError("CropDataset needs at least one volume")
-        self.volumes = list(volumes)
+        super().__init__(volumes, normalization, foreground_fraction=config.foreground_fraction,
+                         max_foreground_points=config.max_foreground_points, seed=seed)
         self.config = config
-        self.normalization = normalization
-        self.seed = seed
-        self.epoch = 0
-        self.windows = [normalization.window(v.images) for v in self.volumes]
-        self.foreground = [_foreground_points(v.target, config.max_foreground_points, seed) for v in self.volumes]
         self.augment = build_augmentation(config.augment)
         self.intensity = build_intensity_augmentation(config.intensity_p, config.invert_p)
-        self._value_range = None if normalization.mode == "zscore" else (0.0, 1.0)
-        weights = np.array([v.weight for v in self.volumes], dtype=float)
-        self._volume_p = weights / weights.sum()
         axes = [a for a in AXES if config.axes.get(a, 0) > 0]
         self._axes = axes
         axis_weights = np.array([config.axes[a] for a in axes], dtype=float)
         self._axis_p = axis_weights / axis_weights.sum()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return self.config.crops_per_epoch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item_seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
-        rng = np.random.default_rng(item_seed)
-        volume_index = rng.choice(len(self.volumes), p=self._volume_p)
+        rng = self.item_rng(index)
+        image, target, valid = self._sample(rng, self.item_seed(index))
+        if self.config.cutmix_p > 0 and rng.random() < self.config.cutmix_p:
+            partner = self._sample(self.item_rng(index, 1), self.item_seed(index, 1))
+            image, target, valid = cutmix((image, target, valid), partner, rng)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))[None],
+            "valid": torch.from_numpy(np.ascontiguousarray(valid, dtype=np.float32))[None],
+        }
+
+    def _sample(self, rng: np.random.Generator, item_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image (C, S, S), target (S, S), valid (S, S)) of one augmented crop drawn from ``rng``."""
+        volume_index = self.draw_volume(rng)
         axis = self._axes[rng.choice(len(self._axes), p=self._axis_p)]
         centre = self._centre(rng, volume_index, SLICE_AXIS[axis])
         geometry = self._draw_geometry(rng, SLICE_AXIS[axis])
@@ -238,11 +329,11 @@ class CropDataset(Dataset):
             seed_pipeline(self.augment, int(item_seed % 2**31))
             out = self.augment(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=target, valid=valid)
             image, target, valid = out["image"].transpose(2, 0, 1), out["mask"], out["valid"]
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))[None],
-            "valid": torch.from_numpy(np.ascontiguousarray(valid, dtype=np.float32))[None],
-        }
+        return image, target, valid
+
+    def _centre(self, rng: np.random.Generator, volume_index: int, slice_axis: int) -> tuple[int, int, int]:
+        """A crop centre; the jitter is in-plane only, so the target slice still holds the voxel drawn."""
+        return self.draw_centre(rng, volume_index, (self.config.crop_size // 4,) * 3, fixed_axis=slice_axis)
 
     def _draw_geometry(self, rng: np.random.Generator, slice_axis: int) -> tuple[np.ndarray, float] | None:
         """(frame, coarsen) of a tilted/zoomed/low-resolution crop, or None for a plain axis crop.
@@ -274,7 +365,7 @@ class CropDataset(Dataset):
         if volume.valid is not None:
             valid[cut(volume.valid, 1, order=0)[0][0] == 0] = 0.0
         image = self.normalization.apply(image, self.windows[volume_index])
-        return image, _as_probability(target[0], volume.target.dtype), valid, inside
+        return image, as_probability(target[0], volume.target.dtype), valid, inside
 
     def _cutter(
         self, axis: str, centre: tuple[int, int, int], geometry: tuple[np.ndarray, float] | None
@@ -290,19 +381,6 @@ class CropDataset(Dataset):
             return sample_crop(array, centre, frame, size, chans, coarsen=coarsen if image else 1.0, order=order)
 
         return cut
-
-    def _centre(self, rng: np.random.Generator, volume_index: int, slice_axis: int) -> tuple[int, int, int]:
-        shape = np.array(self.volumes[volume_index].images.shape)
-        points = self.foreground[volume_index]
-        if len(points) and rng.random() < self.config.foreground_fraction:
-            # Near, not on, a vessel voxel, so vessels are not always at the crop centre; the
-            # jitter is in-plane only, so the target slice still holds that voxel.
-            jitter = rng.integers(-self.config.crop_size // 4, self.config.crop_size // 4 + 1, size=3)
-            jitter[slice_axis] = 0
-            centre = points[rng.integers(len(points))] + jitter
-        else:
-            centre = (rng.random(3) * shape).astype(int)
-        return tuple(int(c) for c in np.clip(centre, 0, shape - 1))
 
 
 def extract_crop(
@@ -329,11 +407,8 @@ def extract_crop(
     index[slice_axis] = channels
     extents = []
     for a in plane_axes:
-        length = volume.shape[a]
-        start = int(np.clip(centre[a] - size // 2, 0, max(length - size, 0)))
-        stop = min(start + size, length)
-        index[a] = slice(start, stop)
-        extents.append(stop - start)
+        index[a] = window_inside(centre[a], size, volume.shape[a])
+        extents.append(index[a].stop - index[a].start)
     # Reads only the crop from a memmap; moveaxis puts the channel axis first.
     crop = np.moveaxis(volume[tuple(index)], slice_axis, 0)
     out = np.zeros((in_chans, size, size), dtype=crop.dtype)
@@ -341,6 +416,13 @@ def extract_crop(
     inside = np.zeros((size, size), dtype=bool)
     inside[: extents[0], : extents[1]] = True
     return out, inside
+
+
+def window_inside(centre: int, size: int, length: int) -> slice:
+    """The ``size`` indices around ``centre`` on an axis of ``length``, shifted to stay inside it
+    (cut short where the axis is shorter than ``size``)."""
+    start = int(np.clip(centre - size // 2, 0, max(length - size, 0)))
+    return slice(start, min(start + size, length))
 
 
 def build_augmentation(kind: str) -> A.Compose | None:
@@ -395,26 +477,31 @@ def cache_volume(
     """
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    shape = info.shape
-
-    def cached(kind: str, dtype: type, read) -> np.ndarray:
-        path = folder / f"{info.name}_{kind}.npy"
-        if not path.is_file():
-            with atomic_output(path) as tmp:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-                read(out)
-                out.flush()
-                del out
-        mapped = np.load(path, mmap_mode="r")
-        if mapped.shape != shape:
-            raise ValueError(f"cached {path} has shape {mapped.shape}, the volume is {shape}; delete it to rebuild")
-        return mapped
-
-    images = cached("images", np.uint16, lambda out: info.read_images(out=out, progress=progress))
+    images = cached_array(folder / f"{info.name}_images.npy", info.shape, np.uint16,
+                          lambda out: info.read_images(out=out, progress=progress))
     labels = None
     if info.label_paths is not None:
-        labels = cached("labels", np.bool_, lambda out: np.copyto(out, read_labels(info.label_paths, progress=progress)))
+        labels = cached_array(folder / f"{info.name}_labels.npy", info.shape, np.bool_,
+                              lambda out: np.copyto(out, read_labels(info.label_paths, progress=progress)))
     return images, labels
+
+
+def cached_array(
+    path: Path, shape: tuple[int, ...], dtype: np.dtype | type, fill: Callable[[np.ndarray], object]
+) -> np.ndarray:
+    """The ``.npy`` at ``path`` as a read-only memmap; when missing, ``fill(out)`` writes it first
+    into a memmap of ``shape`` and ``dtype``, atomically (an interrupted write is redone)."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+            fill(out)
+            out.flush()
+            del out
+    mapped = np.load(path, mmap_mode="r")
+    if mapped.shape != tuple(shape):
+        raise ValueError(f"cached {path} has shape {mapped.shape}, the volume is {tuple(shape)}; delete it to rebuild")
+    return mapped
 
 
 def vessel_mask(target: np.ndarray) -> np.ndarray:
@@ -439,7 +526,7 @@ def _foreground_points(target: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return points
 
 
-def _as_probability(target: np.ndarray, source_dtype: np.dtype) -> np.ndarray:
+def as_probability(target: np.ndarray, source_dtype: np.dtype) -> np.ndarray:
     """Labels read from a target of ``source_dtype`` (maybe already interpolated to float32) as
     float32 in [0, 1]: uint8 soft labels are scaled from 0..255."""
     out = target.astype(np.float32)

@@ -1,10 +1,12 @@
-"""Training losses for binary vessel segmentation: soft Dice, BCE, focal, boundary-weighted, composites.
+"""Training losses for binary vessel segmentation: soft Dice, BCE, focal, boundary-weighted,
+Boundary DoU, composites.
 
 Every loss is an ``nn.Module`` called as ``loss(logits, target, valid=None)`` and returns a float32
 scalar tensor:
 
-    logits  (B, 1, H, W) raw model outputs, any float dtype (fp16/bf16 under autocast is fine:
-            inputs are cast to float32 inside, so sums and exps never run in half precision).
+    logits  (B, 1, H, W) raw model outputs of 2D models, (B, 1, D, H, W) of 3D ones, any float
+            dtype (fp16/bf16 under autocast is fine: inputs are cast to float32 inside, so sums
+            and exps never run in half precision).
     target  same shape, float in [0, 1]: hard 0/1 labels or soft pseudo-labels.
     valid   optional, broadcastable to logits' shape, float in [0, 1]: per-pixel weight of the
             pixel in the loss; 0 = ignore (e.g. unlabelled parts of a sparsely annotated volume).
@@ -39,6 +41,7 @@ __all__ = [
     "COMPOSITE_PRESETS",
     "LOSSES",
     "BCELoss",
+    "BoundaryDoULoss",
     "BoundaryWeightedLoss",
     "CompositeLoss",
     "DiceLoss",
@@ -180,11 +183,12 @@ def boundary_weights(
 ) -> Tensor:
     """Per-pixel weights w = 1 + strength · exp(-d / width), largest at label boundaries.
 
-    ``target`` (B, C, H, W) is binarised at 0.5. Boundary pixels are the pixels whose 3×3
-    neighbourhood holds both classes, i.e. the pixels on either side of an edge (d = 0 there).
-    d is the chessboard (L∞) distance in pixels to the nearest boundary pixel, computed on-device
-    by iterated 3×3 max-pool dilation of the boundary; without a valid mask, equivalently
-    d = (chessboard distance to the nearest pixel of the other class) - 1. Pixels farther than
+    ``target`` (B, C, H, W), or (B, C, D, H, W) for 3D models, is binarised at 0.5. Boundary pixels
+    are the pixels whose 3×3 (3×3×3) neighbourhood holds both classes, i.e. the pixels on either
+    side of an edge (d = 0 there). d is the chessboard (L∞) distance in pixels to the nearest
+    boundary pixel, computed on-device by iterated 3×3 (3×3×3) max-pool dilation of the
+    boundary; without a valid mask, equivalently d = (chessboard distance to the nearest pixel of
+    the other class) - 1. Pixels farther than
     ``max_distance`` dilations (default ceil(6 · width), where the truncated term is below 0.25 %
     of strength) and every pixel of a crop without a boundary (empty or full target) get w = 1
     exactly. The crop edge is not a boundary.
@@ -193,8 +197,8 @@ def boundary_weights(
     to a labelled vessel adds no spurious edge; distances still run across them.
     Returns float32 weights of target's shape, without gradient.
     """
-    if target.ndim != 4:
-        raise ValueError(f"target must be (B, C, H, W), got shape {tuple(target.shape)}")
+    if target.ndim not in (4, 5):
+        raise ValueError(f"target must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(target.shape)}")
     _check_boundary_args(width, strength, max_distance)
     cap = math.ceil(6 * width) if max_distance is None else max_distance
     with torch.no_grad():
@@ -209,6 +213,50 @@ def boundary_weights(
             hits += reached
         decay = torch.exp(-(cap + 1 - hits) / width) * (hits > 0)
         return 1 + strength * decay
+
+
+class BoundaryDoULoss(nn.Module):
+    """Boundary Difference over Union (Sun et al., MICCAI 2023), on soft predictions p = sigmoid:
+
+        loss = (Σp² + Σt² - 2Σpt) / (Σp² + Σt² - (1 + α)·Σpt + smooth),  α = min(1 - 2·C/S, 0.8)
+
+    i.e. (union - intersection) / (union - α·intersection): the mismatch measured against the
+    part of the union near the boundary. S counts the target's voxels (t >= 0.5, valid), C its
+    boundary voxels (a face neighbour, 4 in 2D or 6 in 3D, is not target; outside the crop counts
+    as not target), so thin vessels (mostly boundary) get α near -1 (a Dice-like loss) and large
+    blobs α up to 0.8 (the boundary weighs more). Sums run over the whole batch and are weighted
+    by ``valid``. Unlike the reference code, ``smooth`` is only in the denominator, so a perfect
+    prediction scores 0 and an all-invalid batch 0; α uses the reference's 1e-5.
+    Works on (B, 1, H, W) and (B, 1, D, H, W).
+
+    Example::
+
+        loss = build_loss([{"name": "boundary_dou", "weight": 1.0}, {"name": "bce", "weight": 1.0}])
+    """
+
+    def __init__(self, smooth: float = 1e-5, max_alpha: float = 0.8) -> None:
+        super().__init__()
+        if not smooth > 0:
+            raise ValueError(f"smooth must be > 0, got {smooth}")
+        if not -1.0 <= max_alpha < 1.0:
+            raise ValueError(f"max_alpha must be in [-1, 1), got {max_alpha}")
+        self.smooth = float(smooth)
+        self.max_alpha = float(max_alpha)
+
+    def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+        logits, target, valid = _as_float32(logits, target, valid)
+        if logits.ndim not in (4, 5):
+            raise ValueError(f"logits must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(logits.shape)}")
+        prob = _times(torch.sigmoid(logits), valid)
+        soft = _times(target, valid)
+        with torch.no_grad():
+            inside = (target >= 0.5).float() if valid is None else ((target >= 0.5) & (valid > 0)).float().expand_as(target)
+            boundary = inside * (_face_neighbours(inside) < 2 * (inside.ndim - 2))
+            size, edge = inside.sum(), boundary.sum()
+            alpha = torch.clamp(2 * (1 - (edge + _ALPHA_SMOOTH) / (size + _ALPHA_SMOOTH)) - 1, max=self.max_alpha)
+        intersection = (prob * soft).sum()
+        squares = (prob * prob).sum() + (soft * soft).sum()
+        return (squares - 2 * intersection) / (squares - (1 + alpha) * intersection + self.smooth)
 
 
 class CompositeLoss(nn.Module):
@@ -247,6 +295,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "bce": BCELoss,
     "focal": FocalLoss,
     "boundary": BoundaryWeightedLoss,
+    "boundary_dou": BoundaryDoULoss,
 }
 
 # Named composites in build_loss's list format. "5th_place": the 5th-place SenNet + HOA weights;
@@ -291,6 +340,7 @@ def build_loss(spec: LossSpec) -> nn.Module:
 _BOUNDARY_BASES: dict[str, type[PixelLoss]] = {"bce": BCELoss, "focal": FocalLoss}
 
 _TINY = 1e-12
+_ALPHA_SMOOTH = 1e-5  # the Boundary DoU reference code's smoothing of C / S
 
 
 def _build_single(spec: Mapping[str, Any]) -> nn.Module:
@@ -354,8 +404,25 @@ def _bce(logits: Tensor, target: Tensor, pos_weight: float = 1.0) -> Tensor:
 
 
 def _dilate(mask: Tensor) -> Tensor:
-    """3×3 binary dilation of a float 0/1 mask; outside the crop counts as 0."""
-    return F.max_pool2d(mask, kernel_size=3, stride=1, padding=1)
+    """3×3 (or 3×3×3 for (B, C, D, H, W)) binary dilation of a float 0/1 mask; outside the crop
+    counts as 0."""
+    pool = F.max_pool3d if mask.ndim == 5 else F.max_pool2d
+    return pool(mask, kernel_size=3, stride=1, padding=1)
+
+
+def _face_neighbours(mask: Tensor) -> Tensor:
+    """How many of each pixel's face neighbours (4 in 2D, 6 in 3D) are set in a float 0/1
+    (B, C, ...) mask; outside the crop counts as 0."""
+    spatial = mask.ndim - 2
+    kernel = torch.zeros((3,) * spatial, dtype=mask.dtype, device=mask.device)
+    for axis in range(spatial):
+        for end in (0, 2):
+            index = [1] * spatial
+            index[axis] = end
+            kernel[tuple(index)] = 1.0
+    conv = F.conv3d if spatial == 3 else F.conv2d
+    channels = mask.shape[1]
+    return conv(mask, kernel.expand(channels, 1, *kernel.shape), padding=1, groups=channels)
 
 
 def _check_boundary_args(width: float, strength: float, max_distance: int | None) -> None:

@@ -1,11 +1,12 @@
 """Segmentation models: the architecture registry, building, input-size rule and checkpoints.
 
-A model is any ``torch.nn.Module`` mapping (B, C, H, W) float input to (B, 1, H, W) logits. It is
-built from a ``ModelConfig`` by the builder registered under its ``arch``
-(``register_architecture``); the built-in ones are segmentation_models_pytorch (smp) networks with
-one output class and no activation, and they check their own options (smp encoder names, 2D
-only). Everything works offline: pretrained encoder weights are never downloaded, only read from a
-local file.
+A model is any ``torch.nn.Module`` mapping (B, C, H, W) float input to (B, 1, H, W) logits (2D),
+or (B, 1, D, H, W) patches to (B, 1, D, H, W) logits (3D). It is built from a ``ModelConfig`` by
+the builder registered under its ``arch`` (``register_architecture``); the built-in 2D ones are
+segmentation_models_pytorch (smp) networks with one output class and no activation, which check
+their own options (smp encoder names, 2D only); the built-in 3D ones, ``dynunet`` and
+``resunet``, are MONAI networks (``models_3d.py``, the ``vessel_kit[3d]`` extra). Everything works
+offline: pretrained encoder weights are never downloaded, only read from a local file.
 
 Input size: every side given to a model must be a multiple of ``model_stride(model)``; callers pad
 (the inference engine pads tiles up to it). For most encoders that is 32 (five 2x downsamplings;
@@ -16,6 +17,7 @@ windows/grids of ``img_size // 32`` tokens (``img_size`` is the timm model's, e.
 ``tu-maxvit_base_tf_512``, 224 for ``*_224`` and 256 for ``*_256`` variants. Passing
 ``img_size=S`` (a multiple of 32) to ``build_model`` changes that multiple to S, but resizes the
 relative-position tables, so weights pretrained at another size no longer load (ValueError).
+For the MONAI 3D networks the multiple is the product of their ``strides`` (16 for the defaults).
 
 Checkpoints are single ``.safetensors`` files: the model's tensors plus JSON metadata (the
 ``ModelConfig`` needed to rebuild the model, metrics, extra data and versions). Loading one runs no
@@ -45,6 +47,7 @@ from torch import nn
 
 from .atomic import atomic_output
 from .folders import existing_file
+from .models_3d import MONAI_NETWORKS, build_monai, check_monai, monai_stride
 from .normalize import Normalization
 
 # The smp classes registered as architectures (below, after their builder).
@@ -141,9 +144,11 @@ def build_model(
     encoder: str = DEFAULT_ENCODER,
     in_chans: int = 1,
     encoder_weights: str | os.PathLike | None = None,
+    spatial_dims: int = 2,
     **kwargs: Any,
 ) -> nn.Module:
-    """A 2D model of a registered architecture with one output channel of logits.
+    """A model of a registered architecture with one output channel of logits: 2D, or 3D with
+    ``spatial_dims=3`` (``build_model("dynunet", in_chans=1, spatial_dims=3)``).
 
     ``arch`` is a key of ``ARCHITECTURES`` (any case). For the smp ones, ``encoder`` is an smp
     encoder name or a timm model prefixed ``tu-`` (see ``list_encoders``). ``in_chans`` (odd) sets
@@ -153,7 +158,7 @@ def build_model(
     ``kwargs`` (JSON values) are the config's ``model_kwargs``: for smp, e.g. ``decoder_channels``,
     ``encoder_depth``, or ``img_size`` for timm encoders.
     """
-    config = ModelConfig(arch=arch, encoder=encoder, in_chans=in_chans, model_kwargs=kwargs)
+    config = ModelConfig(arch=arch, encoder=encoder, in_chans=in_chans, model_kwargs=kwargs, spatial_dims=spatial_dims)
     return _build(config, encoder_weights)
 
 
@@ -166,8 +171,12 @@ def model_stride(model: nn.Module) -> int:
     """The multiple every input side must be (pad up to it): the encoder's output stride, raised
     to cover MaxViT-style window/grid partitions (side % (stage reduction * partition) == 0).
 
-    Models without an smp ``encoder`` get ``DEFAULT_STRIDE``.
+    MONAI 3D networks get the product of their strides (``models_3d.monai_stride``); other models
+    without an smp ``encoder`` get ``DEFAULT_STRIDE``.
     """
+    stride_3d = monai_stride(unwrap_model(model))
+    if stride_3d is not None:
+        return stride_3d
     encoder = getattr(unwrap_model(model), "encoder", None)
     stride = int(getattr(encoder, "output_stride", DEFAULT_STRIDE))
     timm_model = getattr(encoder, "model", None)
@@ -189,14 +198,17 @@ class ModelConfig:
 
     ``arch`` names a registered architecture (``register_architecture``), which checks the rest
     (the smp ones check ``encoder`` and ``model_kwargs``). ``in_chans`` is odd: the centre plane and
-    its neighbours on both sides. ``spatial_dims`` is 2 (planes, the smp models) or 3 (patches).
+    its neighbours on both sides (1 for 3D). ``spatial_dims`` is 2 (planes, the smp models) or 3
+    (patches, the MONAI models; ``encoder`` is unused by them).
     ``voxel_size_um`` is the training data's voxel size (None if unknown or mixed), so inference
-    can rescale other scans; ``tile_size`` is the training tile side; ``model_kwargs`` are extra
-    builder keyword arguments (JSON-serialisable; stored in canonical JSON form).
+    can rescale other scans; ``tile_size`` is the training tile side, or one side per spatial
+    dimension (e.g. a (D, H, W) patch); ``model_kwargs`` are extra builder keyword arguments
+    (JSON-serialisable; stored in canonical JSON form).
 
     Example::
 
         config = ModelConfig(arch="unet", encoder="resnet18", in_chans=3, tile_size=256)
+        patches = ModelConfig(arch="dynunet", spatial_dims=3, tile_size=(32, 128, 128))
         model = build_model_from_config(config)
     """
 
@@ -205,7 +217,7 @@ class ModelConfig:
     in_chans: int = 1
     normalization: Normalization = field(default_factory=Normalization)
     voxel_size_um: float | None = None
-    tile_size: int = 512
+    tile_size: int | tuple[int, ...] = 512
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     spatial_dims: int = 2
 
@@ -220,8 +232,7 @@ class ModelConfig:
             if not float(self.voxel_size_um) > 0:
                 raise ValueError(f"voxel_size_um must be positive or None, got {self.voxel_size_um}")
             object.__setattr__(self, "voxel_size_um", float(self.voxel_size_um))
-        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1:
-            raise ValueError(f"tile_size must be a positive int, got {self.tile_size!r}")
+        object.__setattr__(self, "tile_size", _tile_size(self.tile_size, self.spatial_dims))
         if not isinstance(self.model_kwargs, Mapping):
             raise ValueError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
         object.__setattr__(self, "model_kwargs", _json_round_trip(dict(self.model_kwargs), "model_kwargs"))
@@ -233,6 +244,7 @@ class ModelConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["normalization"] = self.normalization.to_dict()
         values["model_kwargs"] = dict(self.model_kwargs)
+        values["tile_size"] = self.tile_size if isinstance(self.tile_size, int) else list(self.tile_size)
         return values
 
     @classmethod
@@ -254,10 +266,12 @@ def build_model_from_config(config: ModelConfig, *, encoder_weights: str | os.Pa
     stride."""
     model = _build(config, encoder_weights)
     stride = model_stride(model)
-    if config.tile_size % stride:
+    sides = [config.tile_size] if isinstance(config.tile_size, int) else config.tile_size
+    if any(side % stride for side in sides):
+        name = config.arch if config.arch.lower() in MONAI_NETWORKS else f"{config.arch}/{config.encoder}"
         raise ValueError(
-            f"tile_size {config.tile_size} is not a multiple of {stride}, the input multiple of "
-            f"{config.arch}/{config.encoder}"
+            f"tile_size {config.tile_size} is not a multiple of {stride}, the input multiple of {name}: "
+            f"make every side a multiple of {stride}"
         )
     return model
 
@@ -299,7 +313,7 @@ def _check_smp(config: ModelConfig) -> None:
     """What an smp architecture accepts: 2D, a known encoder, no keyword that vessel_kit sets."""
     if config.spatial_dims != 2:
         raise ValueError(f"architecture {config.arch!r} (segmentation_models_pytorch) is 2D; got spatial_dims "
-                         f"{config.spatial_dims}")
+                         f"{config.spatial_dims}: set spatial_dims=2, or pick a 3D architecture ({sorted(MONAI_NETWORKS)})")
     _check_encoder(config.encoder)
     reserved = sorted(_RESERVED_KWARGS & set(config.model_kwargs))
     if reserved:
@@ -308,6 +322,8 @@ def _check_smp(config: ModelConfig) -> None:
 
 for _name in SMP_ARCHITECTURES:
     register_architecture(_name, _build_smp, check=_check_smp)
+for _name in MONAI_NETWORKS:
+    register_architecture(_name, build_monai, check=check_monai)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +432,17 @@ def _check_encoder(encoder: str) -> None:
         f"unknown encoder {encoder!r}{hint}. Valid: smp encoder names and timm models prefixed 'tu-'; "
         "list them all with vessel_kit.models.list_encoders()"
     )
+
+
+def _tile_size(tile_size: Any, spatial_dims: int) -> int | tuple[int, ...]:
+    """A positive int, or a tuple of one positive int per spatial dimension (lists accepted, as
+    JSON gives them back)."""
+    sides = list(tile_size) if isinstance(tile_size, (list, tuple)) else [tile_size]
+    if isinstance(tile_size, (list, tuple)) and len(sides) != spatial_dims:
+        raise ValueError(f"tile_size {tile_size!r} needs one side per spatial dimension ({spatial_dims})")
+    if not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in sides):
+        raise ValueError(f"tile_size must be a positive int or {spatial_dims} of them, got {tile_size!r}")
+    return tuple(sides) if isinstance(tile_size, (list, tuple)) else tile_size
 
 
 def _check_in_chans(in_chans: int) -> None:

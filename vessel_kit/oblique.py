@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["plane_frame", "rotation_matrix", "sample_crop", "sample_points"]
+__all__ = ["plane_frame", "rotation_matrix", "sample_box", "sample_crop", "sample_points"]
 
 _EDGE_TOLERANCE = 1e-6  # points this close outside the volume count as inside (float round-off)
 
@@ -83,6 +83,22 @@ def sample_crop(
         fine = np.arange(size) - size // 2
         centre_plane = _points(centre, frame, [np.zeros(1), fine, fine])[:, 0]
     return crop, _inside(centre_plane, volume.shape)
+
+
+def sample_box(
+    volume: np.ndarray, centre: Sequence[float], frame: np.ndarray, shape: Sequence[int], *, order: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ``shape`` (D, H, W) float32 block of ``volume`` whose point (d, h, w) lies at
+    ``centre + frame @ (d - D // 2, h - H // 2, w - W // 2)``: a rotated and/or scaled 3D patch.
+
+    Interpolated as ``sample_points`` does; returns (block, inside), ``inside`` a ``shape`` bool
+    mask of the points that lie inside the volume.
+    """
+    frame = np.asarray(frame, dtype=float)
+    if frame.shape != (3, 3) or len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"need a 3x3 frame and a (D, H, W) shape, got {frame.shape} and {tuple(shape)}")
+    points = _points(centre, frame, [np.arange(n) - n // 2 for n in shape])
+    return sample_points(volume, points, order=order), _inside(points, volume.shape)
 
 
 def sample_points(volume: np.ndarray, points: np.ndarray, *, order: int = 1) -> np.ndarray:

@@ -14,6 +14,11 @@ How the accumulator is filled depends on the models' rank (``windows.py``):
 - 3D models: the volume is cut into overlapping patches; each patch's view-averaged logits,
   times its gaussian and divided by the (separable) summed weights, are added into the
   accumulator directly.
+- 2D and 3D models together (``MixedEnsemble``): the 2D models' plane passes and the 3D models'
+  patch pass fill the same accumulator, each weighted by its models' share of the weight.
+
+A window larger than the volume is fine: the volume is padded up to it (mirrored at its border),
+at the cost of predicting the padding.
 
 Memory: the input stays as it is (uint16), the accumulator is float16 (or a memmap), and the rest
 is a few planes, patches and batches: peak memory does not grow with the number of axes, views
@@ -49,7 +54,7 @@ from .axes import AXES, SLICE_AXIS
 from .calibration import logit
 from .deadline import Deadline, DeadlineWarning
 from .devices import usable_devices
-from .ensemble import DEFAULT_THRESHOLD, Ensemble, ModelSource, check_tile_size, load_ensemble
+from .ensemble import DEFAULT_THRESHOLD, Ensemble, MixedEnsemble, ModelSource, check_tile_size, load_ensemble
 from .infer_config import InferConfig
 from .normalize import Normalization
 from .postprocess import hysteresis_threshold, mask_output, remove_small_components
@@ -99,8 +104,13 @@ class Predictor:
     predict any number of volumes as ``config`` says.
 
     ``model_weights``, ``in_chans`` and ``normalization`` are for loading (modules need
-    ``in_chans`` and ``normalization``; checkpoints carry them); with an ``Ensemble`` they belong
-    to it and must not be given.
+    ``in_chans`` and ``normalization``; checkpoints carry them); with an ``Ensemble`` or
+    ``MixedEnsemble`` they belong to it and must not be given.
+
+    3D models refuse the options of plane passes: ``axes`` other than the default or ("xy",)
+    (the volume's own orientation), ``axis_weights`` and ``reverse_slices``; ``tta="d4"`` rotates
+    their patches in the (H, W) plane, so it needs patches with H == W. In a mixed ensemble those
+    options are the 2D models'. ``min_plane_side`` only concerns plane passes.
 
     Example::
 
@@ -111,7 +121,7 @@ class Predictor:
 
     def __init__(
         self,
-        models: ModelSource | Sequence[ModelSource] | Ensemble,
+        models: ModelSource | Sequence[ModelSource] | Ensemble | MixedEnsemble,
         config: InferConfig | None = None,
         *,
         model_weights: Sequence[float] | None = None,
@@ -120,14 +130,16 @@ class Predictor:
     ) -> None:
         self.config = config or InferConfig()
         self.devices = _devices(self.config.device)
-        if isinstance(models, Ensemble) and (in_chans, normalization, model_weights) != (None, None, None):
+        given = isinstance(models, (Ensemble, MixedEnsemble))
+        if given and (in_chans, normalization, model_weights) != (None, None, None):
             raise ValueError("in_chans, normalization and model_weights belong to the Ensemble; don't pass them with one")
-        self.ensemble = models if isinstance(models, Ensemble) else load_ensemble(
+        self.ensemble = models if given else load_ensemble(
             models, weights=model_weights, in_chans=in_chans, normalization=normalization, device=self.devices[0]
         )
         check_tile_size(self.config.tile_size, self.ensemble)
+        _check_3d_options(self.config, self.ensemble)
         self.axis_weights = _axis_weights(self.config)
-        self._replicas = _replicas(self.ensemble, self.devices)
+        self._groups = [_Group(group, share, _replicas(group, self.devices)) for group, share in self.ensemble.groups()]
 
     @property
     def threshold(self) -> float:
@@ -173,44 +185,51 @@ class Predictor:
         if hasattr(volume, "ndim"):
             _check_volume(volume)
         original = as_source(volume)
-        config, ensemble = self.config, self.ensemble
-        intensity_window = ensemble.normalization.window(original)
+        config = self.config
         voxel_size_um = original.voxel_size_um if voxel_size_um is None else voxel_size_um
-        source = _at_model_resolution(original, voxel_size_um, config.model_voxel_size_um or ensemble.voxel_size_um)
-        tile = config.tile_size if config.tile_size is not None else ensemble.tile_size
-        square = config.tta == "d4"
-        if ensemble.spatial_dims == 3:
-            passes: list[PlanePass | PatchPass] = [plan_patches(source.shape, tile=tile, overlap=config.overlap,
-                                                                stride=ensemble.stride, square=square)]
-        else:
-            weights = _drop_thin_axes(self.axis_weights, source.shape, config.min_plane_side)
-            passes = plan_planes(source.shape, weights, tile=tile, overlap=config.overlap, stride=ensemble.stride, square=square)
-        feed = _Feed(
-            in_chans=ensemble.in_chans, normalization=ensemble.normalization, intensity_window=intensity_window,
-            weights=ensemble.weights, batch_size=config.batch_size,
-            use_amp=config.amp is not False and all(d.type == "cuda" for d in self.devices),
-            views=tta_views(config.tta, spatial_dims=ensemble.spatial_dims,
-                            reverse_slices=config.reverse_slices and ensemble.in_chans > 1),
-        )
+        source = _at_model_resolution(original, voxel_size_um, config.model_voxel_size_um or self.ensemble.voxel_size_um)
+        jobs = [job for group in self._groups for job in self._plan(group, original, source.shape)]
         accumulator = _zeros(source.shape, accumulator_path)
-        clock = Deadline(deadline, total=sum(p.tile_count for p in passes))
+        clock = Deadline(deadline, total=sum(work.tile_count for work, _, _ in jobs))
         done_weight = 0.0
         with _Progress(clock.total, config.progress, clock) as tick:
-            for index, work in enumerate(passes):
+            for index, (work, feed, replicas) in enumerate(jobs):
                 if clock.would_overrun(work.tile_count):
-                    names = [_pass_name(p) for p in passes]
+                    names = [_pass_name(p) for p, _, _ in jobs]
                     warnings.warn(f"the deadline leaves no time for axes {names[index:]}; using {names[:index]} only",
                                   DeadlineWarning, stacklevel=3)
                     break
                 if isinstance(work, PatchPass):
-                    _run_patch_pass(source, work, self._replicas, feed, accumulator, tick)
+                    _run_patch_pass(source, work, replicas, feed, accumulator, tick)
                 else:
-                    _run_plane_pass(source, work, self._replicas, feed, accumulator, tick)
+                    _run_plane_pass(source, work, replicas, feed, accumulator, tick)
                 done_weight += work.weight
         del source
         if done_weight < 1.0 - 1e-6:  # passes were skipped: renormalise the weights of those done
             _scale(accumulator, 1.0 / done_weight)
         return LogitVolume(accumulator, original.shape)
+
+    def _plan(self, group: _Group, original: VolumeSource, shape: tuple[int, int, int]) -> list[_Job]:
+        """One rank's passes over a volume of ``shape`` (weighted by the rank's share), each with
+        how its windows are fed (intensity window from the ``original`` volume) and its replicas."""
+        config, ensemble = self.config, group.ensemble
+        tile = config.tile_size if config.tile_size is not None else ensemble.tile_size
+        square = config.tta == "d4"
+        if ensemble.spatial_dims == 3:
+            passes: list[PlanePass | PatchPass] = [plan_patches(
+                shape, tile=tile, overlap=config.overlap, stride=ensemble.stride, square=square, weight=group.share)]
+        else:
+            weights = _drop_thin_axes(self.axis_weights, shape, config.min_plane_side)
+            passes = plan_planes(shape, {axis: w * group.share for axis, w in weights.items()}, tile=tile,
+                                 overlap=config.overlap, stride=ensemble.stride, square=square)
+        feed = _Feed(
+            in_chans=ensemble.in_chans, normalization=ensemble.normalization,
+            intensity_window=ensemble.normalization.window(original), weights=ensemble.weights,
+            batch_size=config.batch_size, use_amp=config.amp is not False and all(d.type == "cuda" for d in self.devices),
+            views=tta_views(config.tta, spatial_dims=ensemble.spatial_dims,
+                            reverse_slices=config.reverse_slices and ensemble.in_chans > 1),
+        )
+        return [(work, feed, group.replicas) for work in passes]
 
     def to_mask(self, logits: LogitVolume, *, out: np.ndarray | None = None) -> np.ndarray:
         """The bool mask of ``logits`` as the config says: ``hysteresis``, else ``top_fraction``,
@@ -236,6 +255,19 @@ class _Replica:
 
     models: list[torch.nn.Module]
     device: torch.device
+
+
+# A pass, how its windows are fed, and the replicas that run it.
+_Job = tuple["PlanePass | PatchPass", "_Feed", "list[_Replica]"]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One rank of the ensemble: its models, their share of the weight, their replicas."""
+
+    ensemble: Ensemble
+    share: float
+    replicas: list[_Replica]
 
 
 @dataclass(frozen=True)
@@ -572,6 +604,25 @@ def _at_model_resolution(source: VolumeSource, voxel_size_um: float | None, mode
     return ArraySource(resample_volume(whole, scaled_shape(source.shape, factor)))
 
 
+def _check_3d_options(config: InferConfig, ensemble: Ensemble | MixedEnsemble) -> None:
+    """ValueError naming the option for a plane-pass option given to 3D models only (in a mixed
+    ensemble such options are the 2D models'), and for tta="d4" with non-square 3D patches."""
+    groups = [group for group, _ in ensemble.groups()]
+    if all(group.spatial_dims == 3 for group in groups):
+        if tuple(config.axes) not in (AXES, ("xy",)) or config.axis_weights is not None:
+            raise ValueError(f"inference options axes={list(config.axes)}, axis_weights={config.axis_weights} choose "
+                             "plane passes, but these models are 3D: they predict the volume in its own orientation. "
+                             "Leave axes and axis_weights unset (or axes=['xy'])")
+        if config.reverse_slices:
+            raise ValueError("inference option reverse_slices=True reverses the slice channels of 2.5D models, but these "
+                             "models are 3D: set reverse_slices=False")
+    for group in groups:
+        tile = config.tile_size if config.tile_size is not None else group.tile_size
+        if group.spatial_dims == 3 and config.tta == "d4" and isinstance(tile, tuple) and tile[-1] != tile[-2]:
+            raise ValueError(f"inference option tta='d4' rotates 3D patches in their (H, W) plane, so it needs H == W, "
+                             f"but tile_size is {tile}: use tta='flips', or a tile_size with H == W")
+
+
 def _axis_weights(config: InferConfig) -> dict[str, float]:
     """Each axis' weight, normalised to sum to 1, in the order of ``config.axes``."""
     axes = list(config.axes)
@@ -593,7 +644,7 @@ def _drop_thin_axes(weights: dict[str, float], shape: tuple[int, ...], min_side:
         kept = {widest: 1.0}
     for axis in weights.keys() - kept.keys():
         warnings.warn(f"skipping axis {axis}: its planes are only {plane_side[axis]} pixels on a side "
-                      f"(min_plane_side={min_side}) for a volume of shape {shape}", stacklevel=4)
+                      f"(min_plane_side={min_side}) for a volume of shape {shape}", stacklevel=5)
     total = sum(kept.values())
     if total <= 0:
         raise ValueError(f"every axis with a positive weight has planes thinner than min_plane_side={min_side}")

@@ -10,10 +10,10 @@ with ``base:`` (``recipe:`` is an alias), and so on up a chain:
     crops: {crop_size: 96}       # the other crops.* options stay the recipe's
     optim: {lr: 1.0e-3}
 
-The child wins. The sections ``model``, ``crops`` and ``optim`` merge option by option; every
-other value, mappings included (``axes``, ``volume_weights``, ``model_kwargs``, ``loss``), is
-replaced whole, as a recipe's were before sections existed (``model_kwargs: {}`` clears the
-recipe's). A cycle, an unknown recipe or ``base`` beside ``recipe`` is a ValueError.
+The child wins. The sections ``model``, ``crops``, ``patches``, ``optim`` and ``infer`` merge
+option by option; every other value, mappings included (``axes``, ``volume_weights``,
+``model_kwargs``, ``loss``), is replaced whole, as a recipe's were before sections existed
+(``model_kwargs: {}`` clears the recipe's). A cycle, an unknown recipe or ``base`` beside ``recipe`` is a ValueError.
 
 Older configs set the section options at the top (``crop_size: 128``, ``lr: 1.0e-3``); they still
 load, each file's flat keys moved into their section with one FutureWarning naming the new keys.
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["LEGACY_KEYS", "SECTIONS", "list_recipes", "load_recipe", "resolve_config"]
 
 RECIPE_PACKAGE = "vessel_kit.configs.recipes"
-SECTIONS = ("model", "crops", "optim")
+SECTIONS = ("model", "crops", "patches", "optim", "infer")
 # The flat options of older configs -> the section that holds them now.
 LEGACY_KEYS: dict[str, str] = {
     **dict.fromkeys(("arch", "encoder", "encoder_weights", "in_chans", "model_kwargs", "normalization"), "model"),

@@ -1,5 +1,6 @@
-"""The options of a training run: ``TrainConfig``, with a ``model``, a ``crops`` and an ``optim``
-section, loadable from YAML with recipes and ``base:`` inheritance (``recipes.py``).
+"""The options of a training run: ``TrainConfig``, with a ``model``, a ``crops`` (2D models) or
+``patches`` (3D models) and an ``optim`` section, loadable from YAML with recipes and ``base:``
+inheritance (``recipes.py``).
 
     base: synthetic_cpu                  # optional: start from a recipe or another YAML file
     data_root: demo_out/data             # data and run: top level
@@ -9,6 +10,12 @@ section, loadable from YAML with recipes and ``base:`` inheritance (``recipes.py
     optim: {optimizer: adamw, lr: 2.0e-3, scheduler: onecycle, ema_decay: 0.98}  # optim.OptimConfig
     loss: 5th_place
     epochs: 12
+
+A 3D model (``model: {spatial_dims: 3}``) trains on ``patches:`` (``patches.PatchConfig``) instead:
+
+    model: {arch: resunet, spatial_dims: 3}
+    patches: {patch_size: [32, 128, 128], rotate_p: 0.5, rotate_max_deg: 180}
+    target_voxel_size_um: 63.08          # train at the test resolution (2D or 3D)
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from typing import Any, TypeVar
 from .config_files import load_yaml_mapping
 from .config_sections import check_option_types, section_from_mapping
 from .data import CropConfig
+from .infer_config import InferConfig
 from .models import ModelConfig
 from .normalize import Normalization
 from .optim import OptimConfig
+from .patches import PatchConfig
 from .recipes import resolve_config
 
 __all__ = ["ModelOptions", "TrainConfig"]
@@ -83,7 +92,13 @@ class TrainConfig:
     ``make_pseudo_labels``) used as its target instead of (or, for test volumes, in the absence
     of) its labels. ``model``, ``crops`` and ``optim`` are ``ModelOptions``, ``data.CropConfig``
     and ``optim.OptimConfig``, each given as the object or as a mapping of its options;
-    ``crops.in_chans`` follows ``model.in_chans``. ``from_dict``/``from_yaml`` also take
+    ``crops.in_chans`` follows ``model.in_chans``. A 3D model (``model.spatial_dims`` 3) takes
+    ``patches`` (``patches.PatchConfig``) instead of ``crops``; each is refused for the other
+    kind of model, and the one not used is None. ``target_voxel_size_um`` resamples the training
+    volumes once to that voxel size (cached under ``cache_dir``) so the model trains at the test
+    resolution; validation volumes stay as they are (inference resamples them). ``infer`` holds
+    the inference options (``InferConfig`` fields, e.g. a recipe's ``top_fraction``) that the
+    checkpoints carry (metadata ``extra["infer"]``), so the recipe's inference goes with the model. ``from_dict``/``from_yaml`` also take
     ``base:``/``recipe:`` and the flat keys of older configs (``recipes.py``).
 
     Example::
@@ -101,9 +116,12 @@ class TrainConfig:
     soft_labels: dict[str, str] = field(default_factory=dict)
     cache_dir: str | None = None
     model: ModelOptions = field(default_factory=ModelOptions)
-    crops: CropConfig = field(default_factory=lambda: CropConfig(**_CROP_DEFAULTS))
+    crops: CropConfig | None = None  # None: the defaults, for 2D models
+    patches: PatchConfig | None = None  # None: the defaults, for 3D models
+    target_voxel_size_um: float | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: str | dict | list = "5th_place"  # see losses.build_loss
+    infer: dict = field(default_factory=dict)  # InferConfig options stored in the checkpoints
     epochs: int = 20
     batch_size: int = 16
     amp: bool | None = None  # None: on for CUDA
@@ -121,10 +139,11 @@ class TrainConfig:
         check_option_types(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)})
         self.model = _section(ModelOptions, self.model, "model.")
         self.optim = _section(OptimConfig, self.optim, "optim.")
-        crops = _section(CropConfig, self.crops, "crops.", defaults=_CROP_DEFAULTS, exclude=_CROPS_IN_CHANS)
-        self.crops = dataclasses.replace(crops, in_chans=self.model.in_chans)
-        if self.model.spatial_dims != 2:
-            raise ValueError(f"training cuts 2D crops: model.spatial_dims must be 2, got {self.model.spatial_dims}")
+        self._check_samples()
+        try:
+            InferConfig.from_dict(self.infer)
+        except ValueError as error:
+            raise ValueError(f"training option infer: {error}") from None
         if self.num_workers < 0 or self.val_batch_size < 1:
             raise ValueError(f"num_workers must be >= 0 and val_batch_size >= 1, got {self.num_workers}, {self.val_batch_size}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -132,11 +151,15 @@ class TrainConfig:
         if not self.train_volumes:
             raise ValueError("train_volumes is empty")
         step = self.batch_size * self.optim.accumulate_steps
-        if self.crops.crops_per_epoch < step:
+        name, per_epoch = self.samples_per_epoch
+        if per_epoch < step:
             raise ValueError(
-                f"crops.crops_per_epoch ({self.crops.crops_per_epoch}) must hold at least one optimiser step "
+                f"{name} ({per_epoch}) must hold at least one optimiser step "
                 f"(batch_size x optim.accumulate_steps = {step})"
             )
+        if self.target_voxel_size_um is not None and not 0 < self.target_voxel_size_um < math.inf:
+            raise ValueError("target_voxel_size_um must be a positive voxel size in µm or null, "
+                             f"got {self.target_voxel_size_um}")
         if self.val_threshold is not None and not 0.0 < self.val_threshold < 1.0:
             raise ValueError(f"val_threshold is a probability in (0, 1) or null (calibrate), got {self.val_threshold}")
         for size in self.val_voxel_sizes_um:
@@ -145,6 +168,35 @@ class TrainConfig:
         overlap = set(self.train_volumes) & set(self.val_volumes)
         if overlap:
             raise ValueError(f"volumes {sorted(overlap)} are in both train_volumes and val_volumes")
+
+    @property
+    def samples_per_epoch(self) -> tuple[str, int]:
+        """(option name, value) of the crops or patches drawn per epoch."""
+        if self.patches is not None:
+            return "patches.patches_per_epoch", self.patches.patches_per_epoch
+        return "crops.crops_per_epoch", self.crops.crops_per_epoch
+
+    @property
+    def sample_size(self) -> int | tuple[int, int, int]:
+        """The training tile: the crop side (2D) or the (D, H, W) patch size (3D)."""
+        return self.patches.patch_size if self.patches is not None else self.crops.crop_size
+
+    def _check_samples(self) -> None:
+        """Fill in the section the model trains on; refuse the one it cannot use."""
+        if self.model.spatial_dims == 3:
+            if self.crops is not None:
+                raise ValueError("training option crops is for 2D models; a 3D model (model.spatial_dims: 3) "
+                                 "trains on patches: give patches instead")
+            if self.model.in_chans != 1:
+                raise ValueError(f"model.in_chans must be 1 for a 3D model (one intensity channel), got {self.model.in_chans}")
+            self.patches = _section(PatchConfig, {} if self.patches is None else self.patches, "patches.")
+            return
+        if self.patches is not None:
+            raise ValueError("training option patches is for 3D models (model.spatial_dims: 3); "
+                             "a 2D model trains on crops: give crops instead")
+        crops = _section(CropConfig, {} if self.crops is None else self.crops, "crops.",
+                         defaults=_CROP_DEFAULTS, exclude=_CROPS_IN_CHANS)
+        self.crops = dataclasses.replace(crops, in_chans=self.model.in_chans)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
@@ -164,10 +216,13 @@ class TrainConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The options in the nested form ``from_dict`` reads (``crops.in_chans`` left out: it is
-        ``model.in_chans``)."""
+        """The options in the nested form ``from_dict`` reads: ``crops.in_chans`` left out (it is
+        ``model.in_chans``), and the one of ``crops``/``patches`` that the model does not use."""
         values = asdict(self)
-        del values["crops"]["in_chans"]
+        if self.crops is None:
+            del values["crops"]
+        else:
+            del values["crops"]["in_chans"], values["patches"]
         return values
 
 

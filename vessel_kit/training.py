@@ -7,8 +7,11 @@ simulated private test) with the probability threshold calibrated on them and st
 checkpoints (``validation.py``), best-checkpoint saving, a JSON-lines metrics log
 and a PNG of the curves. The state is saved after every epoch, so an interrupted run resumes
 where it stopped (``training_state.py``); crops depend only on (seed, epoch, index), so a resumed
-run is the run that was interrupted. Volumes are read through ``layout.load_train_volumes`` and
-trained on the first device ``devices.usable_devices`` accepts.
+run is the run that was interrupted. 2D models train on crops (``data.CropDataset``), 3D models on
+patches (``patches.PatchDataset``) through the same loop; validation predicts whole volumes either
+way (3D models patch by patch). Volumes are read through ``layout.load_train_volumes`` (resampled
+to ``target_voxel_size_um`` when set: ``train_resolution.py``) and trained on the first device
+``devices.usable_devices`` accepts.
 
 Outputs in ``out_dir``: ``best.safetensors`` (EMA weights of the best validation epoch),
 ``last.safetensors``, ``state.pt`` (for resuming), ``metrics.jsonl``, ``curves.png``,
@@ -42,8 +45,10 @@ from .losses import build_loss
 from .models import build_model_from_config, load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from .normalize import Normalization
 from .optim import build_optimizer, build_scheduler
+from .patches import PatchDataset
 from .runs import claim_run_dir
 from .train_config import TrainConfig
+from .train_resolution import at_voxel_size
 from .training_state import load_training_state, save_training_state
 from .validation import validate, validation_cases
 
@@ -79,10 +84,15 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
     normalization = Normalization.from_dict(config.model.normalization)
     check_no_shared_images(config.data_root, config.train_volumes, config.val_volumes)
     train_volumes = _load_volumes(config, config.train_volumes)
+    if config.target_voxel_size_um is not None:
+        train_volumes = [at_voxel_size(v, config.target_voxel_size_um, cache_dir=config.cache_dir) for v in train_volumes]
     _warn_if_unlabelled(train_volumes)
     val_volumes = _load_volumes(config, config.val_volumes) if config.val_volumes else []
     val_cases = validation_cases(val_volumes, config.val_voxel_sizes_um)
-    dataset = CropDataset(train_volumes, config.crops, normalization, seed=config.seed)
+    if config.patches is not None:
+        dataset = PatchDataset(train_volumes, config.patches, normalization, seed=config.seed)
+    else:
+        dataset = CropDataset(train_volumes, config.crops, normalization, seed=config.seed)
     loader = DataLoader(
         dataset, batch_size=config.batch_size, shuffle=False, drop_last=True,
         num_workers=config.num_workers, pin_memory=device.type == "cuda",
@@ -90,8 +100,10 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
     )
     voxel_sizes = {v.voxel_size_um for v in train_volumes} - {None}
     model_config = config.model.model_config(
-        voxel_size_um=voxel_sizes.pop() if len(voxel_sizes) == 1 else None, tile_size=config.crops.crop_size,
+        voxel_size_um=voxel_sizes.pop() if len(voxel_sizes) == 1 else None, tile_size=config.sample_size,
     )
+    # 3D models are validated patch by patch at the training patch size; 2D ones on whole planes.
+    val_tile = config.sample_size if config.patches is not None else None
     model = build_model_from_config(model_config, encoder_weights=config.model.encoder_weights).to(device)
     optimizer = build_optimizer(config.optim, model.parameters())
     steps_per_epoch = len(loader) // config.optim.accumulate_steps
@@ -101,7 +113,7 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
     criterion = build_loss(config.loss)
 
     trained_on = {"data_root": str(config.data_root), "train_volumes": list(config.train_volumes),
-                  "val_volumes": list(config.val_volumes), "ema": bool(ema)}
+                  "val_volumes": list(config.val_volumes), "ema": bool(ema), "infer": dict(config.infer)}
     state_path = out_dir / "state.pt"
     start_epoch, best, history = 0, {"score": -math.inf, "epoch": -1}, []
     if mode == "resume":
@@ -120,7 +132,7 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
             record.update(validate(
                 evaluated, val_cases, in_chans=config.model.in_chans, normalization=normalization,
                 model_voxel_size_um=model_config.voxel_size_um, device=device,
-                batch_size=config.val_batch_size, threshold=config.val_threshold,
+                batch_size=config.val_batch_size, threshold=config.val_threshold, tile_size=val_tile,
             ))
         record["seconds"] = round(time.perf_counter() - started, 2)
         history.append(record)
@@ -140,7 +152,9 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
         if config.progress:
             tqdm.write(_format_record(record))
     best_path = out_dir / "best.safetensors"
-    if val_cases and config.val_threshold is None and best["epoch"] >= 0 and not _calibrated_on_every_axis(best_path):
+    calibrate = val_cases and config.val_threshold is None and best["epoch"] >= 0
+    # A 3D model's epochs already predicted as inference does; a 2D model's predicted along xy only.
+    if calibrate and config.patches is None and not _calibrated_on_every_axis(best_path):
         _calibrate_on_every_axis(best_path, val_cases, config, device)
     return TrainResult(
         best_score=best["score"], best_epoch=best["epoch"], best_checkpoint=out_dir / "best.safetensors",
@@ -270,7 +284,8 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     score_axis.set_xlabel("epoch")
     score_axis.set_title("validation")
     score_axis.set_ylim(0, 1)
-    score_axis.legend()
+    if score_axis.get_legend_handles_labels()[0]:  # a run without validation has no scores
+        score_axis.legend()
     figure.tight_layout()
     with atomic_output(path) as tmp:
         figure.savefig(tmp, format="png", dpi=80)

@@ -66,6 +66,7 @@ def validate(
     batch_size: int = 4,
     threshold: float | None = None,
     axes: Sequence[str] = ("xy",),
+    tile_size: int | Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Surface Dice and Dice of whole-slice predictions along ``axes`` (no TTA). Every epoch
     uses xy alone (cheap, a lower bound of what more axes reach); training calibrates the final
@@ -73,14 +74,16 @@ def validate(
     extreme than one axis', so a threshold found on xy alone would be too high).
 
     ``threshold`` None calibrates it: the grid probability with the best mean surface Dice over
-    the cases (``calibration.THRESHOLD_GRID``). Returns ``val_threshold``, the mean
+    the cases (``calibration.THRESHOLD_GRID``). ``tile_size`` (None: whole planes, or the whole
+    volume for a 3D model) is the window ``infer_volume`` predicts with, e.g. a 3D model's
+    training patch. Returns ``val_threshold``, the mean
     ``val_surface_dice`` and ``val_dice``, and both per case (``val_surface_dice_<case>``).
     """
     logits = [
         infer_volume(
             case.images, model, axes=tuple(axes), tta="none", in_chans=in_chans, normalization=normalization,
             batch_size=batch_size, device=device, voxel_size_um=case.voxel_size_um,
-            model_voxel_size_um=model_voxel_size_um, return_logits=True, progress=False,
+            model_voxel_size_um=model_voxel_size_um, tile_size=tile_size, return_logits=True, progress=False,
         )
         for case in cases
     ]

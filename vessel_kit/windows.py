@@ -128,11 +128,12 @@ def plan_planes(
 
 def plan_patches(
     shape: tuple[int, int, int], *, tile: int | Sequence[int] | None, overlap: float, stride: int,
-    square: bool = False,
+    square: bool = False, weight: float = 1.0,
 ) -> PatchPass:
-    """The patch pass over a volume of ``shape``; ``tile`` is the patch side (or (D, H, W));
-    None: the whole volume as one patch."""
-    return PatchPass(1.0, _Grid.make(shape, _sides(tile, 3), overlap, stride, square=square))
+    """The patch pass over a volume of ``shape``, its logits added times ``weight``; ``tile`` is
+    the patch side (or (D, H, W)); None: the whole volume as one patch. A patch larger than the
+    volume is fine: the volume is padded up to it."""
+    return PatchPass(weight, _Grid.make(shape, _sides(tile, 3), overlap, stride, square=square))
 
 
 def _sides(tile: int | Sequence[int] | None, rank: int) -> tuple[int | None, ...]:
