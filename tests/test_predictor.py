@@ -208,3 +208,17 @@ def test_inference_presets_ship_with_the_package_and_load_by_name(tmp_path):
     assert InferConfig.load(own).tta == "d4"
     with pytest.raises(ValueError, match="nosuch is neither an inference preset"):
         InferConfig.load("nosuch")
+
+
+def test_components_are_removed_with_the_configured_connectivity(volume):
+    """Two voxels touching only at a corner: one component of 2 with 26-connectivity (kept at
+    min size 2), two of 1 with 6-connectivity (both removed)."""
+    small = np.zeros((6, 32, 32), np.uint16)
+    small[2, 10, 10] = small[3, 11, 11] = 65535
+    options = {"axes": ("xy",), "tta": "none", "progress": False, "min_plane_side": 1, "min_component_size": 2}
+    for connectivity, kept in ((26, 2), (6, 0)):
+        predictor = Predictor(PointwiseLogits2d(), InferConfig(connectivity=connectivity, **options),
+                              in_chans=1, normalization=UNIT)
+        assert int(predictor.predict(small).sum()) == kept
+    with pytest.raises(ValueError, match=r"inference option connectivity=8: must be one of \(6, 18, 26\)"):
+        InferConfig(connectivity=8)

@@ -207,6 +207,7 @@ INFER_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "hysteresis": (_float_pair, "HIGH,LOW: voxels above HIGH seed the mask, which grows in 3D through voxels above LOW"),
     "top_fraction": (float, "keep this fraction of voxels instead of a threshold"),
     "min_component_size": (int, "drop 3D components smaller than this"),
+    "connectivity": (int, "neighbourhood of those components: 6, 18 or 26 (default: 8 in-plane plus above/below)"),
 }
 COMMAND_SET_FIELDS = ("device", "progress")  # --device is predict_submission's; progress always shows
 

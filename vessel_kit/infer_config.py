@@ -43,7 +43,9 @@ class InferConfig:
     patches), ``overlap``, ``min_plane_side``. Test-time augmentation: ``tta``,
     ``reverse_slices``. Resampling: ``model_voxel_size_um`` (default: the checkpoints'). Runtime:
     ``batch_size``, ``device``, ``amp``, ``progress``. Output: ``threshold`` (default: the
-    checkpoints' calibrated one), ``hysteresis``, ``top_fraction``, ``min_component_size``.
+    checkpoints' calibrated one), ``hysteresis``, ``top_fraction``, ``min_component_size`` and
+    its ``connectivity`` (None: 8 neighbours in a slice plus the voxels above and below; 6, 18
+    or 26: the 3D neighbourhoods, e.g. 26 for the 2nd-place pipeline).
 
     Lists given for tuple fields are stored as tuples, so two equal configs compare equal.
 
@@ -74,6 +76,7 @@ class InferConfig:
     hysteresis: tuple[float, float] | None = None
     top_fraction: float | None = None
     min_component_size: int = 0
+    connectivity: int | None = None
 
     def __post_init__(self) -> None:
         check_infer_options(self._options())  # before the conversions below: errors show values as given

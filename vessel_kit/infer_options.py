@@ -172,6 +172,7 @@ INFER_OPTIONS: dict[str, Callable[[object], str | None]] = {
     "hysteresis": _optional(_hysteresis),
     "top_fraction": _optional(_fraction),
     "min_component_size": _int_at_least(0),
+    "connectivity": _optional(_choice((6, 18, 26))),
     "return_logits": _boolean,
     "accumulator_path": _optional(_path),
     "progress": _boolean,

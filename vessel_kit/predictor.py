@@ -242,7 +242,7 @@ class Predictor:
         else:
             mask = _threshold(logits.slices, logits.shape, self.threshold, config.top_fraction, out)
         if config.min_component_size > 1:
-            return remove_small_components(mask, config.min_component_size, out=mask)
+            return remove_small_components(mask, config.min_component_size, connectivity=config.connectivity, out=mask)
         return mask
 
 
