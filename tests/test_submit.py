@@ -15,6 +15,7 @@ import torch
 import vessel_kit.submit as submit
 from vessel_kit import rle_decode, validate_submission
 from vessel_kit.devices import usable_devices
+from vessel_kit.infer_config import InferConfig
 from vessel_kit.infer import DeadlineWarning
 from vessel_kit.layout import VolumeInfo
 from vessel_kit.models import ModelConfig, build_model, save_checkpoint
@@ -255,3 +256,28 @@ def find_test_volume(root, name: str) -> VolumeInfo:
     from vessel_kit import find_volumes
 
     return next(v for v in find_volumes(root, "test") if v.name == name)
+
+
+def test_the_inference_settings_a_checkpoint_carries_are_the_default(dataset, tmp_path, monkeypatch):
+    """A recipe's ``infer:`` section travels in the checkpoint: with no config, predict_submission
+    starts from it, and explicit options still override it."""
+    torch.manual_seed(0)
+    config = ModelConfig(arch="unet", encoder="resnet18", in_chans=1, voxel_size_um=50.0, tile_size=64)
+    carried = save_checkpoint(tmp_path / "carried.safetensors", build_model("unet", "resnet18", in_chans=1), config,
+                              extra={"infer": {"axes": ["xy"], "tta": "none", "min_component_size": 5}})
+    seen, logged = [], []
+
+    def spy(volume, predictor, **options):
+        seen.append(predictor.config)
+        return np.zeros(volume.shape, dtype=bool)
+
+    monkeypatch.setattr(submit, "infer_volume", spy)
+    submit.predict_submission(dataset, [carried], tmp_path / "a.csv", device="cpu", log=logged.append, progress=False)
+    assert (seen[-1].axes, seen[-1].tta, seen[-1].min_component_size) == (("xy",), "none", 5)
+    assert any("inference settings carried by the checkpoints" in line for line in logged)
+    submit.predict_submission(dataset, [carried], tmp_path / "b.csv", device="cpu", log=logged.append, progress=False,
+                              tta="flips")
+    assert (seen[-1].tta, seen[-1].min_component_size) == ("flips", 5)
+    submit.predict_submission(dataset, [carried], tmp_path / "c.csv", device="cpu", log=logged.append,
+                              config=InferConfig(progress=False))
+    assert (seen[-1].axes, seen[-1].tta) == (("xy", "xz", "yz"), "flips")  # an explicit config wins whole

@@ -18,6 +18,7 @@ submission as it was. With ``logits_dir``, finished volumes are kept and reused 
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -33,14 +34,15 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output
-from .devices import usable_devices
 from .deadline import DeadlineWarning
+from .devices import usable_devices
 from .ensemble import load_ensemble
 from .infer import infer_volume
 from .infer_config import InferConfig
-from .predictor import Predictor
 from .layout import VolumeInfo, find_volumes
 from .logits_cache import LogitsCache
+from .models import read_checkpoint_metadata
+from .predictor import Predictor
 from .rle import (
     EMPTY_RLE,
     SubmissionWriter,
@@ -91,9 +93,11 @@ def predict_submission(
             under a temporary name until complete. A rerun with the same options, checkpoints
             and slice files reuses a volume recorded there (``<volume>.json``) instead of
             predicting it again.
-        config: the inference settings (``InferConfig``; default its defaults); the keyword
-            ``infer_options`` (its field names: axes, tta, tile_size, threshold, ...) override
-            it. Each volume's voxel size comes from the layout.
+        config: the inference settings (``InferConfig``). Default: the settings the checkpoints
+            carry (a recipe's ``infer:`` section, e.g. 2nd place's top fraction and components)
+            when they agree, else InferConfig's defaults. The keyword ``infer_options`` (its
+            field names: axes, tta, tile_size, threshold, ...) override it. Each volume's voxel
+            size comes from the layout.
 
     Returns:
         each volume's status: "predicted", "predicted (... using [axes] only)" when the time
@@ -109,8 +113,8 @@ def predict_submission(
     """
     started = time.monotonic()
     check_submission_options({"on_error": on_error, "time_budget_s": time_budget_s, **infer_options})
-    config = (config or InferConfig()).replace(**infer_options)
     log = log or _log_to_stderr
+    config = (config or _carried_config(checkpoints, log)).replace(**infer_options)
     _check_output_file(Path(out))
     if logits_dir is not None:
         _prepare_logits_dir(Path(logits_dir))
@@ -231,6 +235,29 @@ def _write_volumes(writer: SubmissionWriter, volumes: list[VolumeInfo], run: _Ru
 def _out_of_time(elapsed: float, budget: float, voxels: int, done: int) -> bool:
     """The budget is spent, or this volume would overrun it at the voxel rate so far."""
     return elapsed >= budget or (done > 0 and elapsed + voxels * elapsed / done > budget)
+
+
+def _carried_config(checkpoints: Sequence[str | os.PathLike], log: Callable[[str], None]) -> InferConfig:
+    """The InferConfig of the inference settings the checkpoints carry (``extra["infer"]``) when
+    those that carry any agree; InferConfig() when none does, or (with a note) when they differ.
+    An unreadable checkpoint is skipped here: loading reports it."""
+    carried = {}
+    for path in checkpoints:
+        try:
+            settings = read_checkpoint_metadata(path)["extra"].get("infer")
+        except (OSError, ValueError, KeyError):
+            continue
+        if settings:
+            carried[str(path)] = dict(settings)
+    distinct = {json.dumps(settings, sort_keys=True) for settings in carried.values()}
+    if len(distinct) > 1:
+        log(f"the checkpoints carry different inference settings ({carried}); using the defaults")
+        return InferConfig()
+    if not carried:
+        return InferConfig()
+    settings = next(iter(carried.values()))
+    log(f"inference settings carried by the checkpoints: {settings}")
+    return InferConfig.from_dict(settings)
 
 
 def _load(checkpoints, devices: list[str], on_error: str, log):
