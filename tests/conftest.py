@@ -38,3 +38,23 @@ def oracle_surface_dice():
         return float(metrics.compute_surface_dice_at_tolerance(distances, 0.0))
 
     return oracle
+
+
+@pytest.fixture
+def interrupt_training_at(monkeypatch):
+    """``interrupt_training_at(epoch)``: training raises KeyboardInterrupt when it reaches that
+    epoch, until the returned ``resume()`` restores the real epoch loop."""
+    import vessel_kit.training as train_module
+
+    real_epoch = train_module._train_epoch
+
+    def arm(epoch: int):
+        def interrupted(*args, **kwargs):
+            if args[-1] == epoch:  # the epoch argument
+                raise KeyboardInterrupt
+            return real_epoch(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+        return lambda: monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+
+    return arm

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from vessel_kit import models
-from vessel_kit import training as train_module
 from vessel_kit.data import TrainVolume
 from vessel_kit.infer import infer_volume
 from vessel_kit.models import load_checkpoint, register_architecture
@@ -165,7 +164,7 @@ def data_root(tmp_path_factory):
     return make_synthetic_dataset(tmp_path_factory.mktemp("patches") / "data", scale=0.2, progress=False)
 
 
-def test_train_drives_3d_patches_with_validation_resume_and_a_target_resolution(data_root, tmp_path, monkeypatch):
+def test_train_drives_3d_patches_with_validation_resume_and_a_target_resolution(data_root, tmp_path, interrupt_training_at):
     options = dict(
         data_root=str(data_root), out_dir=str(tmp_path / "run"), train_volumes=["kidney_1_dense"],
         val_volumes=["kidney_3_dense"], model=_TINY_3D, target_voxel_size_um=63.08,
@@ -174,17 +173,10 @@ def test_train_drives_3d_patches_with_validation_resume_and_a_target_resolution(
         batch_size=2, epochs=2, optim={"lr": 1e-2, "ema_decay": 0.9}, num_workers=0, progress=False,
         cache_dir=str(tmp_path / "cache"),
     )
-    real_epoch = train_module._train_epoch
-
-    def interrupted(*args, **kwargs):
-        if args[-1] == 1:  # the epoch argument
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+    resume = interrupt_training_at(1)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**options))
-    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+    resume()
     result = train(TrainConfig(**options))  # resumes after epoch 0
     assert [r["epoch"] for r in result.history] == [0, 1]
     record = result.history[-1]

@@ -55,20 +55,13 @@ def test_short_run_learns_and_writes_checkpoints(data_root, tmp_path):
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
-def test_resume_continues_where_it_stopped(data_root, tmp_path, monkeypatch):
+def test_resume_continues_where_it_stopped(data_root, tmp_path, interrupt_training_at):
     straight = train(tiny_config(data_root, tmp_path / "straight"))
 
-    real_epoch = train_module._train_epoch
-
-    def interrupted(*args, **kwargs):
-        if args[-1] == 1:  # the epoch argument
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+    resume = interrupt_training_at(1)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data_root, tmp_path / "resumed"))
-    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+    resume()
     resumed = train(tiny_config(data_root, tmp_path / "resumed"))
 
     assert [r["epoch"] for r in resumed.history] == [0, 1]
