@@ -354,22 +354,19 @@ def _plane_batches(source: VolumeSource, work: PlanePass, planes: range, feed: _
     read ``slab`` planes (plus their neighbour planes) at a time."""
     half = feed.in_chans // 2
     slice_axis = SLICE_AXIS[work.axis]
-    window_shape = work.grid.window_shape
-    index, tiles = [], []
-    for first in range(planes.start, planes.stop, slab):
-        last = min(first + slab, planes.stop)
-        block = read_planes(source, slice_axis, first, last, halo=half)  # block[k]: plane first - half + k
-        for plane in range(first, last):
-            neighbours = block[plane - first : plane - first + feed.in_chans]
-            stack = _pad_to(feed.normalization.apply(neighbours, feed.intensity_window), window_shape)
-            for y, x in work.grid.corners:
-                index.append((plane, y, x))
-                tiles.append(stack[:, y : y + window_shape[0], x : x + window_shape[1]])
-                if len(tiles) == feed.batch_size:
-                    yield index, np.stack(tiles)
-                    index, tiles = [], []
-    if tiles:
-        yield index, np.stack(tiles)
+    height, width = work.grid.window_shape
+
+    def tiles() -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
+        for first in range(planes.start, planes.stop, slab):
+            last = min(first + slab, planes.stop)
+            block = read_planes(source, slice_axis, first, last, halo=half)  # block[k]: plane first - half + k
+            for plane in range(first, last):
+                neighbours = block[plane - first : plane - first + feed.in_chans]
+                stack = _pad_to(feed.normalization.apply(neighbours, feed.intensity_window), (height, width))
+                for y, x in work.grid.corners:
+                    yield (plane, y, x), stack[:, y : y + height, x : x + width]
+
+    return _batched(tiles(), feed.batch_size)
 
 
 # --- 3D: patches -------------------------------------------------------------------------------
@@ -444,17 +441,26 @@ class _OpenRows:
 def _patch_batches(source: VolumeSource, work: PatchPass, corners: list[tuple[int, ...]], feed: _Feed) -> Iterator[tuple[list, np.ndarray]]:
     """(corners, patches) batches of (B, 1, D, H, W) float32 patches, each read on its own."""
     shape = work.grid.window_shape
-    index, patches = [], []
-    for corner in corners:
-        region = tuple(slice(start, min(start + side, total)) for start, side, total in zip(corner, shape, source.shape, strict=True))
-        patch = feed.normalization.apply(source.read(region), feed.intensity_window)
-        index.append(corner)
-        patches.append(_pad_to(patch, shape)[None])
-        if len(patches) == feed.batch_size:
-            yield index, np.stack(patches)
-            index, patches = [], []
-    if patches:
-        yield index, np.stack(patches)
+
+    def patches() -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        for corner in corners:
+            region = tuple(slice(start, min(start + side, total)) for start, side, total in zip(corner, shape, source.shape, strict=True))
+            yield corner, _pad_to(feed.normalization.apply(source.read(region), feed.intensity_window), shape)[None]
+
+    return _batched(patches(), feed.batch_size)
+
+
+def _batched(windows: Iterator[tuple[object, np.ndarray]], size: int) -> Iterator[tuple[list, np.ndarray]]:
+    """(keys, stacked windows) batches of ``size`` (the last may be smaller) from (key, window) pairs."""
+    keys, arrays = [], []
+    for key, window in windows:
+        keys.append(key)
+        arrays.append(window)
+        if len(arrays) == size:
+            yield keys, np.stack(arrays)
+            keys, arrays = [], []
+    if arrays:
+        yield keys, np.stack(arrays)
 
 
 # --- running models ----------------------------------------------------------------------------
