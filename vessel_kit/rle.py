@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_output
+from .sources import iter_slices
 
 EMPTY_RLE = "1 0"
 SUBMISSION_COLUMNS = ("id", "rle")
@@ -33,6 +34,7 @@ __all__ = [
     "parse_rle",
     "rle_decode",
     "rle_encode",
+    "rle_rows",
     "slice_id",
     "validate_submission",
     "write_submission",
@@ -55,6 +57,14 @@ def rle_encode(mask: np.ndarray) -> str:
         return EMPTY_RLE
     edges[1::2] -= edges[::2]
     return " ".join(edges.astype(str).tolist())
+
+
+def rle_rows(mask: object) -> Iterator[str]:
+    """The RLE of every Z slice of a (Z, Y, X) mask, in order: numpy, memmap, or a lazy zarr, dask
+    or ``VolumeSource`` mask read a slab of slices at a time (``sources.iter_slices``), so a mask
+    in an OME-Zarr store is never loaded whole."""
+    slices = mask if isinstance(mask, np.ndarray) else iter_slices(mask)
+    return (rle_encode(plane) for plane in slices)
 
 
 def parse_rle(rle: str, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -143,10 +153,12 @@ class SubmissionWriter:
         self._writer.writerow((row_id, rle))
 
     def add_volume(self, volume: str, stems: Sequence[str], masks: Iterable[np.ndarray]) -> None:
-        """Append every slice of a volume; ``masks`` may be a (Z, Y, X) array or a generator."""
+        """Append every slice of a volume; ``masks`` may be a (Z, Y, X) array (numpy, or lazy: zarr,
+        dask, a ``VolumeSource``, read a slab at a time) or an iterable of 2D masks."""
+        lazy = hasattr(masks, "shape") and not isinstance(masks, np.ndarray)
         count = 0
-        for stem, mask in zip(stems, masks, strict=False):
-            self.add_slice(slice_id(volume, stem), mask)
+        for stem, rle in zip(stems, rle_rows(masks) if lazy else map(rle_encode, masks), strict=False):
+            self.add_row(slice_id(volume, stem), rle)
             count += 1
         if count != len(stems):
             raise ValueError(

@@ -8,8 +8,10 @@ dask volume, or a folder of TIFF slices, is read only where it is used.
   views, so in-memory volumes cost nothing.
 - ``TiffStackSource`` reads the Kaggle layout (one TIFF per slice) lazily: a region reads only its
   slices, and from uncompressed files only its rows.
-- ``as_source`` turns what a user passes into a source; ``read_planes`` and ``iter_slabs`` read
-  planes along any axis with edge-replicated neighbours (the 2.5D channels, the 3D context).
+- ``as_source`` turns what a user passes into a source (a zarr or N5 folder through
+  ``ome_zarr.open_volume``); ``read_planes`` and ``iter_slabs`` read planes along any axis with
+  edge-replicated neighbours (the 2.5D channels, the 3D context); ``read_box`` and ``iter_slices``
+  read any lazy array (masks included) a box or a Z slice at a time.
 
 Sources may also carry ``chunks``: their natural read unit (a zarr chunk, a dask chunk, one TIFF
 slice), or None when any box is equally cheap; ``normalize`` aligns its sample to it.
@@ -31,7 +33,11 @@ from .volume import read_slice_header, read_slices, slice_files
 Region3 = tuple[slice, slice, slice]
 Chunks = tuple[int, int, int]
 
-__all__ = ["ArraySource", "Slab", "TiffStackSource", "VolumeSource", "as_source", "iter_slabs", "read_planes"]
+__all__ = [
+    "ArraySource", "Slab", "TiffStackSource", "VolumeSource", "as_source", "iter_slabs", "iter_slices", "read_box",
+    "read_planes",
+]
+SLAB_BYTES = 256 * 2**20  # iter_slices reads at most this much at a time
 
 
 @runtime_checkable
@@ -91,9 +97,7 @@ class ArraySource:
 
     def read(self, region: Region3) -> np.ndarray:
         """The box ``region`` as a numpy array: a view for numpy input, computed for dask."""
-        block = self.array[check_region(region, self.shape)]
-        compute = getattr(block, "compute", None)
-        return np.asarray(compute() if callable(compute) else block)
+        return read_box(self.array, check_region(region, self.shape))
 
     def __repr__(self) -> str:
         return f"ArraySource({type(self.array).__name__}, shape={self.shape}, dtype={self.dtype})"
@@ -131,8 +135,9 @@ class TiffStackSource:
 
 
 def as_source(obj: Any, *, voxel_size_um: float | None = None) -> VolumeSource:
-    """``obj`` as a ``VolumeSource``: a source passes through, a folder path becomes a
-    ``TiffStackSource``, an array-like an ``ArraySource``.
+    """``obj`` as a ``VolumeSource``: a source passes through, a zarr or N5 folder is opened by
+    ``ome_zarr.open_volume``, another folder path becomes a ``TiffStackSource``, an array-like
+    (numpy, memmap, zarr, dask: never loaded whole) an ``ArraySource``.
 
     Raises:
         TypeError: anything else, naming its type.
@@ -145,6 +150,10 @@ def as_source(obj: Any, *, voxel_size_um: float | None = None) -> VolumeSource:
             )
         return obj
     if isinstance(obj, (str, os.PathLike)):
+        from .ome_zarr import is_volume_store, open_volume
+
+        if is_volume_store(obj):
+            return open_volume(obj, voxel_size_um=voxel_size_um)
         return TiffStackSource(obj, voxel_size_um=voxel_size_um)
     if all(hasattr(obj, name) for name in ("shape", "dtype", "__getitem__")):
         return ArraySource(obj, voxel_size_um=voxel_size_um)
@@ -205,6 +214,35 @@ def iter_slabs(source: VolumeSource, axis: int, size: int, halo: int = 0) -> Ite
     count = source.shape[axis]
     bounds = ((start, min(count, start + size)) for start in range(0, count, size))
     return (Slab(start, stop, read_planes(source, axis, start, stop, halo)) for start, stop in bounds)
+
+
+def read_box(volume: Any, region: tuple[slice, ...]) -> np.ndarray:
+    """The box ``region`` of a ``VolumeSource`` or any array-like (numpy, zarr, h5py, dask: a dask
+    box is computed) as a numpy array; a numpy box is a view."""
+    if isinstance(volume, VolumeSource):
+        return volume.read(region)
+    block = volume[tuple(region)]
+    compute = getattr(block, "compute", None)
+    return np.asarray(compute() if callable(compute) else block)
+
+
+def iter_slices(volume: Any, *, max_bytes: int = SLAB_BYTES) -> Iterator[np.ndarray]:
+    """The Z slices of a (Z, Y, X) ``VolumeSource`` or array-like, in order, read in slabs.
+
+    A slab is as many slices as fit in ``max_bytes``, never crossing a Z chunk boundary, so a
+    chunked (zarr, dask) volume decodes each chunk once when a chunk's slab fits, and memory stays
+    bounded when it doesn't.
+    """
+    depth, height, width = (int(n) for n in volume.shape)
+    plane_bytes = height * width * np.dtype(volume.dtype).itemsize
+    chunk = getattr(volume, "chunks", None) if isinstance(volume, VolumeSource) else _chunk_shape(volume)
+    chunk_depth = chunk[0] if chunk else depth
+    size = max(1, min(chunk_depth, max_bytes // max(plane_bytes, 1)))
+    start = 0
+    while start < depth:
+        stop = min(start + size, (start // chunk_depth + 1) * chunk_depth, depth)
+        yield from read_box(volume, (slice(start, stop), slice(0, height), slice(0, width)))
+        start = stop
 
 
 def _check_axis(axis: int, halo: int) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from .axes import SLICE_AXIS
 from .tiling import gaussian_importance, window_starts, window_sums
 
-__all__ = ["PatchPass", "PlanePass", "plan_patches", "plan_planes"]
+__all__ = ["PatchPass", "PlanePass", "Reach", "plan_patches", "plan_planes"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,33 @@ class _Grid:
     def corners(self) -> list[tuple[int, ...]]:
         """The windows' start corners, in C order (last dimension fastest)."""
         return list(itertools.product(*self.starts))
+
+    def reaching(self, region: tuple[slice, ...]) -> Reach:
+        """The windows that overlap ``region`` (a box of the grid's region), and the box they
+        span: what a block-wise run of ``region`` must predict and read."""
+        starts = [tuple(start for start in dim if start < part.stop and start + side > part.start)
+                  for dim, part, side in zip(self.starts, region, self.window_shape, strict=True)]
+        if not all(starts):
+            raise ValueError(f"region {region} lies outside the grid's region {self.region_shape}")
+        origin = tuple(dim[0] for dim in starts)
+        extent = tuple(dim[-1] + side - dim[0] for dim, side in zip(starts, self.window_shape, strict=True))
+        span = tuple(slice(low, min(low + size, length)) for low, size, length in zip(origin, extent, self.region_shape, strict=True))
+        return Reach(list(itertools.product(*starts)), span, extent)
+
+
+@dataclass(frozen=True)
+class Reach:
+    """The windows of a grid that reach a region: their ``corners`` (C order), the ``span`` of
+    the grid's region they cover (what is read) and its ``extent`` (the span before clipping to
+    the region: a window may be larger than the region, which is then padded)."""
+
+    corners: list[tuple[int, ...]]
+    span: tuple[slice, ...]
+    extent: tuple[int, ...]
+
+    @property
+    def origin(self) -> tuple[int, ...]:
+        return tuple(part.start for part in self.span)
 
 
 @dataclass(frozen=True)
