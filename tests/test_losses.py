@@ -170,7 +170,8 @@ def test_invalid_pixels_do_not_change_the_loss(spec):
     assert torch.equal(loss(scrambled_logits, scrambled_target, valid), reference)
     # ... whereas changing valid pixels does change it, and so does dropping the mask.
     assert not torch.equal(loss(scrambled_logits, scrambled_target), reference)
-    assert not torch.equal(loss(torch.where(hole, logits, -logits), target, valid), reference)
+    # (2 - logits, not -logits: surface Dice, like the metric, is blind to complementing the mask)
+    assert not torch.equal(loss(torch.where(hole, logits, 2 - logits), target, valid), reference)
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS)
@@ -452,3 +453,69 @@ def test_losses_and_boundary_weights_take_3d_batches():
     weights = boundary_weights(target, width=1.0, strength=4.0)
     assert weights[0, 0, 4, 5, 7] == pytest.approx(5.0)  # just outside the tube: on the boundary
     assert weights[0, 0, 4, 0, 0] < weights[0, 0, 4, 4, 7] < weights[0, 0, 4, 5, 7]
+
+
+# ---------------------------------------------------------------- soft surface Dice
+
+
+def _surface_dice_reference(pred: np.ndarray, target: np.ndarray, tolerance: int) -> float:
+    """1 - NSD of 0/1 maps by scipy: morphological-gradient boundaries, chessboard tolerance."""
+    from scipy import ndimage
+
+    def edge(x):  # max - min over 3^n, the crop edge padded so that it is no boundary
+        return ndimage.maximum_filter(x, 3, mode="nearest") - ndimage.minimum_filter(x, 3, mode="nearest")
+
+    def near(x):
+        return ndimage.maximum_filter(x, 2 * tolerance + 1, mode="constant") if tolerance else x
+
+    bp, bt = edge(pred), edge(target)
+    return 1 - ((bp * near(bt)).sum() + (bt * near(bp)).sum() + 1) / (bp.sum() + bt.sum() + 1)
+
+
+@pytest.mark.parametrize("tolerance", [0, 1, 2])
+def test_surface_dice_matches_a_scipy_reference_on_hard_masks(tolerance):
+    target, shifted = _tube()[0, 0, 0], _tube(1)[0, 0, 0]
+    shifted[3, 3] = 1.0  # a stray pixel: its own surface, far from the target's
+    loss = build_loss({"name": "surface_dice", "tolerance": tolerance})
+    value = loss(40 * (2 * shifted - 1)[None, None], target[None, None]).item()
+    assert value == pytest.approx(_surface_dice_reference(shifted.numpy(), target.numpy(), tolerance), abs=1e-5)
+
+
+def test_surface_dice_is_zero_when_exact_and_worse_the_farther_the_shift():
+    loss = build_loss("surface_dice")
+    target = _tube()
+    for dims in (slice(None), 0):  # 3D (1, 1, 8, 16, 16) and 2D (1, 1, 16, 16)
+        exact = loss(40 * (2 * target - 1)[:, :, dims], target[:, :, dims]).item()
+        shifted = [loss(40 * (2 * _tube(s) - 1)[:, :, dims], target[:, :, dims]).item() for s in (1, 2, 4)]
+        assert exact < 1e-6
+        assert 0 < shifted[0] < shifted[1] <= shifted[2] <= 1.0
+    # A tolerance forgives a one-voxel shift in part.
+    tolerant = build_loss({"name": "surface_dice", "tolerance": 1})(40 * (2 * _tube(1) - 1), target).item()
+    assert tolerant < loss(40 * (2 * _tube(1) - 1), target).item()
+
+
+def test_surface_dice_ignores_a_masked_region_and_its_edges():
+    loss = build_loss("surface_dice")
+    target = _tube()[:, :, 0]
+    logits = 40 * (2 * target - 1)
+    valid = torch.ones_like(target)
+    valid[..., :, :5] = 0  # masked strip next to the vessel (which starts at x = 6)
+    wrong = logits.clone()
+    wrong[..., 2:14, 0:5] = 40.0  # a false vessel touching the valid region: ignored
+    assert loss(wrong, target, valid).item() < 1e-6
+    assert loss(wrong, target).item() > 0.1
+    gradient_target = torch.zeros_like(target)
+    gradient_target[..., :, :5] = 1.0  # a target filled in the masked strip adds no edge either
+    assert loss(logits, torch.maximum(target, gradient_target), valid).item() < 1e-6
+
+
+def test_surface_dice_gradient_is_finite_and_reaches_the_boundary():
+    target = _tube()
+    logits = (0.1 * torch.randn(target.shape, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = build_loss("surface_dice")(logits.to(torch.bfloat16), target)
+    assert value.dtype == torch.float32
+    value.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="tolerance must be a non-negative int"):
+        build_loss({"name": "surface_dice", "tolerance": -1})

@@ -59,7 +59,7 @@ def test_zscore_is_per_tile(volume):
 def test_round_trip_and_errors(volume):
     norm = Normalization("percentile", low=5.0, high=99.0)
     assert Normalization.from_dict(norm.to_dict()) == norm
-    with pytest.raises(ValueError, match="mode must be one of \\('unit', 'percentile', 'zscore'\\), got 'minmax'"):
+    with pytest.raises(ValueError, match="mode must be one of \\('unit', 'percentile', 'zscore', 'clip_zscore'\\), got 'minmax'"):
         Normalization("minmax")
     with pytest.raises(ValueError, match="0 <= low < high <= 100"):
         Normalization(low=99.0, high=10.0)
@@ -86,3 +86,29 @@ def test_window_reads_through_any_source(tmp_path, volume):
     assert norm.window(str(tmp_path / "images")) == expected
     assert norm.window(small[3]) == norm.window(small[3:4])  # a single (Y, X) image
     assert Normalization("unit").window(TiffStackSource(tmp_path / "images")) == (0.0, 65535.0)
+
+
+def test_clip_zscore_clips_to_the_volume_window_then_standardises_each_tile(volume):
+    norm = Normalization("clip_zscore", low=0.1, high=99.9)
+    lo, hi = norm.window(volume)
+    assert (lo, hi) == Normalization("percentile", low=0.1, high=99.9).window(volume)
+    tile = volume[0, :64, :64].copy()
+    tile[0, 0], tile[0, 1] = 65535, 0  # saturated outliers: clipped to the window, not kept
+    out = norm.apply(tile, (lo, hi))
+    clipped = np.clip(tile.astype(np.float64), lo, hi)
+    expected = (clipped - clipped.mean()) / clipped.std()
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    assert out.dtype == np.float32
+    assert out.mean() == pytest.approx(0.0, abs=1e-4) and out.std() == pytest.approx(1.0, abs=1e-4)
+    assert norm.value_range is None and Normalization("percentile").value_range == (0.0, 1.0)
+    with pytest.raises(ValueError, match="needs the volume's window"):
+        norm.apply(tile)
+
+
+def test_clip_zscore_round_trips_and_checks_its_percentiles():
+    norm = Normalization("clip_zscore", low=0.1, high=99.9)
+    assert Normalization.from_dict(norm.to_dict()) == norm
+    with pytest.raises(ValueError, match="low=99.9, high=0.1"):
+        Normalization("clip_zscore", low=99.9, high=0.1)
+    with pytest.raises(ValueError, match="high=101"):
+        Normalization("clip_zscore", low=0.1, high=101)

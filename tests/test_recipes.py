@@ -38,7 +38,8 @@ def test_recipes_ship_in_the_package_with_descriptions():
     files = {entry.name for entry in resources.files("vessel_kit.configs.recipes").iterdir()}
     assert {"synthetic_cpu.yaml", "kaggle_2p5d.yaml"} <= files
     recipes = list_recipes()
-    assert list(recipes) == ["2nd_place_3d", "4th_place_2d", "4th_place_3d", "kaggle_2p5d", "synthetic_cpu"]
+    assert list(recipes) == ["1st_place", "2nd_place_3d", "3rd_place", "4th_place_2d", "4th_place_3d", "5th_place",
+                             "kaggle_2p5d", "seed_2p5d", "synthetic_cpu"]
     assert all(description and "\n" not in description for description in recipes.values())
     setup = (REPO / "setup.cfg").read_text()
     assert "vessel_kit.configs.recipes = *.yaml" in setup
@@ -49,7 +50,7 @@ def test_a_recipe_is_nested_and_loads_by_name():
     assert "description" not in recipe
     assert recipe["model"] == {"encoder": "tu-maxvit_base_tf_512", "in_chans": 1}
     assert recipe["optim"] == {"accumulate_steps": 4, "lr": 6e-5, "ema_decay": 0.999}
-    with pytest.raises(ValueError, match=r"unknown recipe 'fast'; recipes: \[.*'kaggle_2p5d', 'synthetic_cpu'\]"):
+    with pytest.raises(ValueError, match=r"unknown recipe 'fast'; recipes: \[.*'kaggle_2p5d', 'seed_2p5d', 'synthetic_cpu'\]"):
         load_recipe("fast")
 
 
@@ -99,7 +100,7 @@ def test_base_cycles_and_bad_bases_are_named(tmp_path):
     write(tmp_path / "self.yaml", {"base": "self.yaml"})
     with pytest.raises(ValueError, match="base cycle"):
         TrainConfig.from_yaml(tmp_path / "self.yaml")
-    with pytest.raises(ValueError, match=r"unknown recipe 'synthetic'; recipes: \[.*'kaggle_2p5d', 'synthetic_cpu'\]"):
+    with pytest.raises(ValueError, match=r"unknown recipe 'synthetic'; recipes: \[.*'kaggle_2p5d', 'seed_2p5d', 'synthetic_cpu'\]"):
         TrainConfig.from_dict({"base": "synthetic", "data_root": "/d"})
     with pytest.raises(FileNotFoundError, match="base config .*missing.yaml does not exist"):
         TrainConfig.from_dict({"base": str(tmp_path / "missing.yaml"), "data_root": "/d"})

@@ -39,6 +39,7 @@ from typing import Any
 
 from .atomic import remove_stale_temp_files, replace_folder, temp_path
 from .config_files import load_yaml_mapping
+from .runs import read_member_checkpoints
 
 __all__ = ["MANIFEST_NAME", "Bundle", "build_bundle", "collect_checkpoints", "main", "read_bundle", "requirement_files",
            "upload_bundle"]
@@ -86,7 +87,8 @@ def collect_checkpoints(paths: Sequence[str | os.PathLike]) -> dict[str, Path]:
     """The checkpoints named by files and folders, keyed by their (unique) name in the bundle.
 
     A ``.safetensors`` file is taken as is; a folder with ``best.safetensors`` is a training run
-    and gives that file, named after the folder; any other folder gives its ``.safetensors``
+    and gives that file, named after the folder; a multi-member run (``members.json``) the
+    checkpoints of its ensemble, each named after its member; any other folder gives its ``.safetensors``
     files, or, when it has none, the best checkpoint of each run folder inside it (``runs/``).
     """
     found: dict[str, Path] = {}
@@ -103,6 +105,9 @@ def collect_checkpoints(paths: Sequence[str | os.PathLike]) -> dict[str, Path]:
             add(path.name, path)
         elif (path / "best.safetensors").is_file():
             add(f"{path.resolve().name}.safetensors", path / "best.safetensors")
+        elif (members := read_member_checkpoints(path)) is not None:  # a multi-member run: its ensemble
+            for file in members:
+                add(f"{file.parent.name}.safetensors", file)
         elif path.is_dir():
             files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*/best.safetensors"))
             if not files:

@@ -12,8 +12,9 @@ a pixel counts for the loss: 0 in padding, in areas rotated in by augmentation, 
 volume's optional ignore mask says so.
 
 Robustness options of ``CropConfig`` (all off by default) change how a crop is sampled: tilted
-planes (``rotate_p``), real 3D zoom (``zoom_p``) and low-resolution emulation (``lowres_p``) go
-through one trilinear sampler (``oblique.sample_crop``) that maps image, target and valid alike;
+planes (``rotate_p``), real 3D zoom (``zoom_p``), low-resolution emulation (``lowres_p``) and a
+fixed training scale (``scale``) go through one trilinear sampler (``oblique.sample_crop``) that
+maps image, target and valid alike;
 ``intensity_p``/``invert_p`` change the normalised image only; ``cutmix_p`` pastes a box of a
 second crop into the first, image, target and valid alike.
 
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # albumentations is imported only to train: inference must no
     import albumentations as A
 
 AUGMENTATIONS = ("hard", "light", "none")
+MIN_SCALE, MAX_SCALE = 0.125, 8.0  # crops.scale range: beyond it, surely a mistake (as MAX_RESCALE at inference)
 
 __all__ = [
     "AUGMENTATIONS",
@@ -132,6 +134,15 @@ class CropConfig:
         cutmix_p: CutMix: paste a random box (area fraction uniform in [0, 1]) of a second crop
             into this one, in image, target and valid alike.
 
+    Scale (not random): ``scale`` s resamples every crop by s in 3D (content s times its size,
+    neighbouring channels 1/s voxel apart), so the model learns the volume at voxel size
+    v / s; training records v / s as the checkpoint's voxel size, and inference resamples any
+    volume to it (``model_voxel_size_um``), so train and test see the same scale. The 1st place
+    trained whole slices upscaled to 1536² (s ~1.5 for a ~1000-pixel plane) and ran at ~3072²,
+    in-plane only (ours scales the slice axis too, as inference's resampling does). Scaled
+    crops are shifted to stay inside the volume in-plane like axis crops; a plane whose sides
+    times s fit in ``crop_size`` is the whole resized plane, centred and zero-padded (valid 0).
+
     Example::
 
         crops = CropConfig(crop_size=128, in_chans=3, foreground_fraction=0.7, rotate_p=0.2)
@@ -152,6 +163,7 @@ class CropConfig:
     intensity_p: float = 0.0
     invert_p: float = 0.0
     cutmix_p: float = 0.0
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.crop_size < 32 or self.crop_size % 32:
@@ -174,6 +186,9 @@ class CropConfig:
         check_probabilities(self, ("rotate_p", "zoom_p", "lowres_p", "intensity_p", "invert_p", "cutmix_p"))
         if not 0.0 <= self.rotate_max_deg <= 90.0:
             raise ValueError(f"rotate_max_deg must be in [0, 90] degrees, got {self.rotate_max_deg}")
+        if not MIN_SCALE <= self.scale <= MAX_SCALE:
+            raise ValueError(f"scale must be in [{MIN_SCALE}, {MAX_SCALE}] (the factor crops are resampled by), "
+                             f"got {self.scale}")
         zoom = checked_zoom_range(self.zoom_range)
         if self.lowres_p > 0 and not zoom[0] < 1.0:
             raise ValueError(f"lowres_p needs zoom_range to reach below 1 (a coarser grid), got {self.zoom_range!r}")
@@ -229,7 +244,7 @@ class SampledVolumes(Dataset):
         self.epoch = 0
         self.windows = [normalization.window(v.images) for v in self.volumes]
         self.foreground = [_foreground_points(v.target, max_foreground_points, seed) for v in self.volumes]
-        self._value_range = None if normalization.mode == "zscore" else (0.0, 1.0)
+        self._value_range = normalization.value_range
         weights = np.array([v.weight for v in self.volumes], dtype=float)
         self._volume_p = weights / weights.sum()
 
@@ -290,7 +305,7 @@ class CropDataset(SampledVolumes):
         super().__init__(volumes, normalization, foreground_fraction=config.foreground_fraction,
                          max_foreground_points=config.max_foreground_points, seed=seed)
         self.config = config
-        self.augment = build_augmentation(config.augment)
+        self.augment = build_augmentation(config.augment, nonnegative=self._value_range is not None)
         self.intensity = build_intensity_augmentation(config.intensity_p, config.invert_p)
         axes = [a for a in AXES if config.axes.get(a, 0) > 0]
         self._axes = axes
@@ -318,6 +333,9 @@ class CropDataset(SampledVolumes):
         axis = self._axes[rng.choice(len(self._axes), p=self._axis_p)]
         centre = self._centre(rng, volume_index, SLICE_AXIS[axis])
         geometry = self._draw_geometry(rng, SLICE_AXIS[axis])
+        if self.config.scale != 1.0:
+            centre = _centre_inside(centre, geometry[0], self.config.crop_size, self.volumes[volume_index].images.shape,
+                                    SLICE_AXIS[axis])
         image, target, valid, inside = self._crop(volume_index, axis, centre, geometry)
         if self.intensity is not None:
             seed_pipeline(self.intensity, int(rng.integers(2**31)))
@@ -332,8 +350,10 @@ class CropDataset(SampledVolumes):
         return image, target, valid
 
     def _centre(self, rng: np.random.Generator, volume_index: int, slice_axis: int) -> tuple[int, int, int]:
-        """A crop centre; the jitter is in-plane only, so the target slice still holds the voxel drawn."""
-        return self.draw_centre(rng, volume_index, (self.config.crop_size // 4,) * 3, fixed_axis=slice_axis)
+        """A crop centre; the jitter (a quarter of the crop's extent in voxels) is in-plane only, so
+        the target slice still holds the voxel drawn."""
+        jitter = int(self.config.crop_size / (4 * self.config.scale))
+        return self.draw_centre(rng, volume_index, (jitter,) * 3, fixed_axis=slice_axis)
 
     def _draw_geometry(self, rng: np.random.Generator, slice_axis: int) -> tuple[np.ndarray, float] | None:
         """(frame, coarsen) of a tilted/zoomed/low-resolution crop, or None for a plain axis crop.
@@ -343,9 +363,9 @@ class CropDataset(SampledVolumes):
         """
         config = self.config
         rotate, zoom, lowres = (p > 0 and rng.random() < p for p in (config.rotate_p, config.zoom_p, config.lowres_p))
-        if not (rotate or zoom or lowres):
+        if not (rotate or zoom or lowres or config.scale != 1.0):
             return None
-        frame = plane_frame(slice_axis)
+        frame = plane_frame(slice_axis) / config.scale
         if rotate:
             frame = random_rotation(rng, config.rotate_max_deg) @ frame
         if zoom:
@@ -418,6 +438,21 @@ def extract_crop(
     return out, inside
 
 
+def _centre_inside(
+    centre: tuple[int, int, int], frame: np.ndarray, size: int, shape: tuple[int, ...], slice_axis: int
+) -> tuple[float, float, float]:
+    """``centre`` moved in-plane so that a ``size`` crop on ``frame`` stays inside a volume of
+    ``shape`` (as ``window_inside`` does for axis crops), or centred on an axis it overhangs."""
+    moved = [float(c) for c in centre]
+    for axis in range(3):
+        if axis == slice_axis:
+            continue
+        half = size / 2 * (abs(frame[axis, 1]) + abs(frame[axis, 2]))  # the crop's half extent on this axis
+        low, high = half, shape[axis] - 1 - half
+        moved[axis] = (shape[axis] - 1) / 2 if low > high else float(np.clip(moved[axis], low, high))
+    return moved[0], moved[1], moved[2]
+
+
 def window_inside(centre: int, size: int, length: int) -> slice:
     """The ``size`` indices around ``centre`` on an axis of ``length``, shifted to stay inside it
     (cut short where the axis is shorter than ``size``)."""
@@ -425,12 +460,14 @@ def window_inside(centre: int, size: int, length: int) -> slice:
     return slice(start, min(start + size, length))
 
 
-def build_augmentation(kind: str) -> A.Compose | None:
+def build_augmentation(kind: str, *, nonnegative: bool = True) -> A.Compose | None:
     """The "hard" (5th-place style), "light" or no ("none") augmentation pipeline.
 
     Works on HWC float32 images of any channel count, with the target and the valid mask as masks;
     areas rotated or shifted in are filled with 0 in image, target and valid. The scale range of
-    "hard" (0.7-1.3) covers the 50 -> 63 µm change of the private test volume.
+    "hard" (0.7-1.3) covers the 50 -> 63 µm change of the private test volume. ``nonnegative``
+    False (z-scored images) leaves out "hard"'s gamma, which is NaN on negative values
+    (``intensity_p`` applies gamma to a [0, 1] rescaled copy instead).
     """
     if kind not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {kind!r}")
@@ -459,7 +496,7 @@ def build_augmentation(kind: str) -> A.Compose | None:
     )
     photometric = [
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.7),
-        A.RandomGamma(gamma_limit=(70, 150), p=0.3),
+        *([A.RandomGamma(gamma_limit=(70, 150), p=0.3)] if nonnegative else []),
         A.OneOf([A.GaussianBlur(blur_limit=(3, 5), p=1.0), A.MotionBlur(blur_limit=(3, 5), p=1.0)], p=0.2),
         A.GaussNoise(std_range=(0.01, 0.05), p=0.3),
     ]

@@ -1,5 +1,5 @@
 """Training losses for binary vessel segmentation: soft Dice, BCE, focal, boundary-weighted,
-Boundary DoU, composites.
+Boundary DoU, soft surface Dice, composites.
 
 Every loss is an ``nn.Module`` called as ``loss(logits, target, valid=None)`` and returns a float32
 scalar tensor:
@@ -48,6 +48,7 @@ __all__ = [
     "FocalLoss",
     "LossSpec",
     "PixelLoss",
+    "SurfaceDiceLoss",
     "boundary_weights",
     "build_loss",
 ]
@@ -259,6 +260,65 @@ class BoundaryDoULoss(nn.Module):
         return (squares - 2 * intersection) / (squares - (1 + alpha) * intersection + self.smooth)
 
 
+class SurfaceDiceLoss(nn.Module):
+    """Soft surface Dice at a tolerance: 1 - soft NSD of the prediction's and the target's boundaries.
+
+    The leaderboard scores the normalised surface Dice (NSD) at tolerance 0: the share of both
+    masks' surfaces lying on the other's. Volume Dice weighs a vessel by its voxels, NSD by its
+    surface, so thin vessels (mostly surface) count for far more in NSD; this term trains for
+    that directly. The 1st place used "a differentiable surface-Dice term" whose formulation we
+    could not read (its write-up is not among the stored sources), so this one is ours:
+
+        b(x)  = maxpool(x) - minpool(x)   3×3 (3×3×3 for 3D) morphological gradient: ~1 on either
+                                          side of an edge of a 0/1 map, 0 inside and outside
+        bp = b(p), bt = b(t)              soft boundaries of p = sigmoid(logits) and of target t
+        D(b)  = maxpool of b with kernel 2·tolerance + 1 (chessboard dilation; identity at 0)
+        NSD   = (Σ bp·D(bt) + Σ bt·D(bp) + smooth) / (Σ bp + Σ bt + smooth)
+        loss  = 1 - NSD
+
+    The terms mirror NSD's: the prediction's surface within tolerance of the target's, and the
+    reverse, over both surfaces. At tolerance 0 it is the soft Dice of the two boundary maps.
+    Both are differentiable almost everywhere (max-pooling passes the gradient to its maximum).
+    A perfect hard prediction scores 0; a prediction shifted by a voxel loses the overlap of
+    its boundary with the target's. The crop edge is not a boundary (pooling pads with -inf).
+    Like NSD, it cannot tell a mask from its complement (both have the same surface), and a
+    constant prediction (no edge) gets no gradient from it: use it beside a region loss (Dice,
+    focal), as the 1st place did.
+
+    ``valid`` follows the module's convention: boundaries are found among valid pixels only
+    (an invalid neighbour neither makes nor hides an edge, whatever its target or prediction),
+    and the sums are weighted by ``valid``. ``batch=True`` sums over the batch (as ``DiceLoss``);
+    ``False`` averages per-sample losses. Works on (B, C, H, W) and (B, C, D, H, W).
+
+    Example::
+
+        loss = build_loss([{"name": "dice", "weight": 0.5}, {"name": "surface_dice", "weight": 0.5}])
+    """
+
+    def __init__(self, tolerance: int = 0, smooth: float = 1.0, batch: bool = True) -> None:
+        super().__init__()
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
+            raise ValueError(f"tolerance must be a non-negative int (voxels), got {tolerance!r}")
+        if not smooth > 0:
+            raise ValueError(f"smooth must be > 0, got {smooth}")
+        self.tolerance = tolerance
+        self.smooth = float(smooth)
+        self.batch = bool(batch)
+
+    def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+        logits, target, valid = _as_float32(logits, target, valid)
+        if logits.ndim not in (4, 5):
+            raise ValueError(f"logits must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(logits.shape)}")
+        inside = None if valid is None else (valid > 0).float().expand_as(logits)
+        prob_edge = _soft_boundary(torch.sigmoid(logits), inside)
+        target_edge = _soft_boundary(target, inside)
+        dims = tuple(range(logits.ndim)) if self.batch else tuple(range(1, logits.ndim))
+        near = (_times(prob_edge * _dilate(target_edge, self.tolerance), valid)
+                + _times(target_edge * _dilate(prob_edge, self.tolerance), valid)).sum(dims)
+        total = _times(prob_edge + target_edge, valid).sum(dims)
+        return 1 - ((near + self.smooth) / (total + self.smooth)).mean()
+
+
 class CompositeLoss(nn.Module):
     """Weighted sum Σ weight · part(logits, target, valid) of named losses.
 
@@ -296,6 +356,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "focal": FocalLoss,
     "boundary": BoundaryWeightedLoss,
     "boundary_dou": BoundaryDoULoss,
+    "surface_dice": SurfaceDiceLoss,
 }
 
 # Named composites in build_loss's list format. "5th_place": the 5th-place SenNet + HOA weights;
@@ -403,11 +464,23 @@ def _bce(logits: Tensor, target: Tensor, pos_weight: float = 1.0) -> Tensor:
     return pos_weight * target * F.softplus(-logits) + (1 - target) * F.softplus(logits)
 
 
-def _dilate(mask: Tensor) -> Tensor:
-    """3×3 (or 3×3×3 for (B, C, D, H, W)) binary dilation of a float 0/1 mask; outside the crop
-    counts as 0."""
+def _dilate(mask: Tensor, radius: int = 1) -> Tensor:
+    """(2·radius + 1)² (or ³ for (B, C, D, H, W)) grey dilation (max filter) of a float map; outside
+    the crop counts as 0 for 0/1 masks (pooling pads with -inf). ``radius`` 0 returns ``mask``."""
+    if radius == 0:
+        return mask
     pool = F.max_pool3d if mask.ndim == 5 else F.max_pool2d
-    return pool(mask, kernel_size=3, stride=1, padding=1)
+    return pool(mask, kernel_size=2 * radius + 1, stride=1, padding=radius)
+
+
+def _soft_boundary(values: Tensor, inside: Tensor | None) -> Tensor:
+    """The 3×3 (3×3×3) morphological gradient max - min of a [0, 1] map, among ``inside`` pixels
+    only (None: all): an outside pixel is neutral (0 for the max, 1 for the min) and gets 0."""
+    if inside is None:
+        return _dilate(values) + _dilate(-values)
+    high = _dilate(values * inside)
+    low = -_dilate(-(values * inside + (1 - inside)))
+    return (high - low) * inside  # >= 0: an inside pixel lies between its max and min
 
 
 def _face_neighbours(mask: Tensor) -> Tensor:

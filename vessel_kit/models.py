@@ -28,9 +28,11 @@ pickled code. (Weight EMA and the training state for resuming live in ``ema.py``
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -46,6 +48,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from .atomic import atomic_output
+from .decoder_layers import DECODER_OPTIONS, apply_decoder_variant, check_decoder_options
 from .folders import existing_file
 from .models_3d import MONAI_NETWORKS, build_monai, check_monai, monai_stride
 from .normalize import Normalization
@@ -60,6 +63,7 @@ DEFAULT_ENCODER = "tu-maxvit_base_tf_512"
 DEFAULT_STRIDE = 32
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 CHECKPOINT_FORMAT_VERSION = 1
+COMPILE_BACKEND = "inductor"  # torch.compile's backend in compile_model (tests use "aot_eager": no C++ build)
 
 _METADATA_KEY = "vessel_kit"
 _RESERVED_KWARGS = frozenset({"encoder_name", "encoder_weights", "in_channels", "classes", "activation"})
@@ -76,6 +80,7 @@ __all__ = [
     "ModelConfig",
     "build_model",
     "build_model_from_config",
+    "compile_model",
     "list_encoders",
     "load_checkpoint",
     "model_stride",
@@ -156,7 +161,9 @@ def build_model(
     (.pth/.pt/.bin/.ckpt/.safetensors) holding an encoder (smp or timm) or a full model state dict:
     only its encoder tensors are used, and a 3-channel stem is adapted to ``in_chans`` as timm does.
     ``kwargs`` (JSON values) are the config's ``model_kwargs``: for smp, e.g. ``decoder_channels``,
-    ``encoder_depth``, or ``img_size`` for timm encoders.
+    ``encoder_depth``, or ``img_size`` for timm encoders, and vessel_kit's ``decoder_norm``
+    (batch, group, instance, layer) and ``decoder_activation`` (relu, gelu, silu), which swap the
+    decoder blocks' layers (``decoder_layers.py``; the 1st place's decoder: group + gelu).
     """
     config = ModelConfig(arch=arch, encoder=encoder, in_chans=in_chans, model_kwargs=kwargs, spatial_dims=spatial_dims)
     return _build(config, encoder_weights)
@@ -276,6 +283,29 @@ def build_model_from_config(config: ModelConfig, *, encoder_weights: str | os.Pa
     return model
 
 
+def compile_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``torch.compile(model)`` with the ``COMPILE_BACKEND`` backend, for running on ``device``.
+
+    The compiled wrapper shares the model's parameters; keep the plain module for state dicts,
+    EMA and checkpoints (``unwrap_model`` finds it again), so no ``_orig_mod.`` key is written.
+    Compiling is lazy (at the first call, again for each new input shape): this checks up front
+    what it will need, and raises ImportError saying what is missing: ``torch.compile``
+    (torch >= 2.0), a C++ compiler for the inductor backend on the CPU, triton on CUDA.
+    """
+    if not hasattr(torch, "compile"):
+        raise ImportError(f"compile needs torch.compile (torch >= 2.0); this is torch {torch.__version__}: "
+                          "upgrade torch or set compile: false")
+    device = torch.device(device)
+    if COMPILE_BACKEND == "inductor":
+        if device.type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+            raise ImportError("compile on the CPU needs a C++ compiler for torch's inductor backend (g++, c++ or "
+                              "clang++ on PATH, or $CXX): install one (e.g. apt-get install g++) or set compile: false")
+        if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+            raise ImportError("compile on CUDA needs triton for torch's inductor backend: pip install triton "
+                              "(the version matching torch) or set compile: false")
+    return torch.compile(model, backend=COMPILE_BACKEND)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module inside DataParallel/DistributedDataParallel and ``torch.compile`` wrappers."""
     while True:
@@ -302,11 +332,16 @@ def _build(config: ModelConfig, encoder_weights: str | os.PathLike | None) -> nn
 
 
 def _build_smp(config: ModelConfig) -> nn.Module:
-    """An smp model: ``SMP_ARCHITECTURES[arch]`` with one logit channel and no activation."""
-    return SMP_ARCHITECTURES[config.arch.lower()](
+    """An smp model: ``SMP_ARCHITECTURES[arch]`` with one logit channel and no activation, its
+    decoder's norm and activation swapped as ``decoder_norm``/``decoder_activation`` say
+    (``decoder_layers.py``)."""
+    kwargs = dict(config.model_kwargs)
+    variant = {name: kwargs.pop(name, None) for name in DECODER_OPTIONS}
+    model = SMP_ARCHITECTURES[config.arch.lower()](
         encoder_name=config.encoder, encoder_weights=None, in_channels=config.in_chans, classes=1,
-        activation=None, **config.model_kwargs,
+        activation=None, **kwargs,
     )
+    return apply_decoder_variant(model, norm=variant["decoder_norm"], activation=variant["decoder_activation"])
 
 
 def _check_smp(config: ModelConfig) -> None:
@@ -318,6 +353,7 @@ def _check_smp(config: ModelConfig) -> None:
     reserved = sorted(_RESERVED_KWARGS & set(config.model_kwargs))
     if reserved:
         raise ValueError(f"model kwargs {reserved} are set by vessel_kit and cannot be given")
+    check_decoder_options(config.model_kwargs)
 
 
 for _name in SMP_ARCHITECTURES:

@@ -12,6 +12,13 @@ Modes:
     percentile  clip to the volume's [low, high] percentiles, then scale to [0, 1]
                 (the 4th place used p10-p99.8).
     zscore      per-tile (x - mean) / std.
+    clip_zscore clip to the volume's [low, high] percentiles, then per-tile (x - mean) / std
+                (the 3rd place used p0.1-p99.9): the window is volume-wide as in "percentile",
+                so a few saturated voxels cannot stretch a tile's statistics, and the z-score is
+                per tile as in "zscore".
+
+"Per tile" means per array given to ``apply``: a training crop (all its channels together), or
+at inference the stack of neighbouring planes a tile is cut from.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 
 from .sources import VolumeSource, as_source
 
-NORMALIZATION_MODES = ("unit", "percentile", "zscore")
+NORMALIZATION_MODES = ("unit", "percentile", "zscore", "clip_zscore")
 SAMPLE_BLOCKS = 64  # the percentile sample reads at most this many blocks (chunks, or Z slices) ...
 SAMPLE_READ_VOXELS = 2**28  # ... and at most ~this many voxels in all (each block at most this)
 Window = tuple[float, float]
@@ -37,8 +44,8 @@ __all__ = ["NORMALIZATION_MODES", "Normalization"]
 class Normalization:
     """How raw intensities become model input.
 
-    ``low``/``high`` are percentiles (0-100) used by the "percentile" mode; ``max_samples`` bounds
-    the voxels sampled to estimate them.
+    ``low``/``high`` are percentiles (0-100) used by the "percentile" and "clip_zscore" modes;
+    ``max_samples`` bounds the voxels sampled to estimate them.
 
     Example:
         >>> norm = Normalization("percentile", low=10.0, high=99.8)
@@ -63,7 +70,8 @@ class Normalization:
             raise ValueError(f"max_samples must be >= 1000, got {self.max_samples}")
 
     def window(self, volume: VolumeSource | Any) -> Window | None:
-        """The per-volume intensity window (lo, hi) to pass to ``apply``; None for zscore.
+        """The per-volume intensity window (lo, hi) to pass to ``apply``; None for zscore
+        (clip_zscore's is the percentile window it clips to).
 
         ``volume`` is a ``VolumeSource`` or anything ``sources.as_source`` takes (an array-like, a
         TIFF folder), or a single (Y, X) image; only the bounded sample is read from it.
@@ -82,17 +90,21 @@ class Normalization:
         """Normalise a slice, tile or stack to float32 with this volume's ``window``."""
         x = np.asarray(x)
         if self.mode == "zscore":
-            out = x.astype(np.float32)
-            out -= out.mean()
-            out /= max(float(out.std()), 1e-6)
-            return out
+            return _zscore(x.astype(np.float32))
         if window is None:
             raise ValueError(f"normalization mode {self.mode!r} needs the volume's window (call .window(volume) first)")
         lo, hi = window
         out = x.astype(np.float32)
+        if self.mode == "clip_zscore":
+            return _zscore(np.clip(out, lo, hi, out=out))
         out -= lo
         out *= 1.0 / max(hi - lo, 1e-6)
         return np.clip(out, 0.0, 1.0, out=out)
+
+    @property
+    def value_range(self) -> tuple[float, float] | None:
+        """The range ``apply``'s output spans: (0, 1), or None for the z-scored modes (unbounded)."""
+        return None if self.mode in ("zscore", "clip_zscore") else (0.0, 1.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +115,13 @@ class Normalization:
         if unknown:
             raise ValueError(f"unknown normalization fields {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
         return cls(**values)
+
+
+def _zscore(out: np.ndarray) -> np.ndarray:
+    """``out`` (float32) standardised in place to mean 0 and std 1 (a flat array: to 0)."""
+    out -= out.mean()
+    out /= max(float(out.std()), 1e-6)
+    return out
 
 
 def _as_volume_source(volume: Any) -> VolumeSource:

@@ -14,6 +14,8 @@ The child wins. The sections ``model``, ``crops``, ``patches``, ``optim`` and ``
 option by option; every other value, mappings included (``axes``, ``volume_weights``,
 ``model_kwargs``, ``loss``), is replaced whole, as a recipe's were before sections existed
 (``model_kwargs: {}`` clears the recipe's). A cycle, an unknown recipe or ``base`` beside ``recipe`` is a ValueError.
+An ensemble recipe lists ``members:`` (``members.py``), each merged over the recipe's other options
+the same way; ``recipe_members`` names them.
 
 Older configs set the section options at the top (``crop_size: 128``, ``lr: 1.0e-3``); they still
 load, each file's flat keys moved into their section with one FutureWarning naming the new keys.
@@ -33,7 +35,7 @@ from .config_files import load_yaml_mapping
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
-__all__ = ["LEGACY_KEYS", "SECTIONS", "list_recipes", "load_recipe", "resolve_config"]
+__all__ = ["LEGACY_KEYS", "SECTIONS", "list_recipes", "load_recipe", "merge_config", "recipe_members", "resolve_config"]
 
 RECIPE_PACKAGE = "vessel_kit.configs.recipes"
 SECTIONS = ("model", "crops", "patches", "optim", "infer")
@@ -50,6 +52,13 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 def list_recipes() -> dict[str, str]:
     """Recipe name -> its one-line description, sorted by name."""
     return {name: str(_read_recipe(name).get("description", "")).strip() for name in sorted(_recipe_files())}
+
+
+def recipe_members(name: str) -> list[str]:
+    """The names of a recipe's ``members:`` (``members.py``), pseudo-label steps as
+    ``name (pseudo)``; empty for a one-model recipe."""
+    entries = load_recipe(name).get("members") or []
+    return [f"{e.get('name')} (pseudo)" if "pseudo" in e else str(e.get("name")) for e in entries if isinstance(e, Mapping)]
 
 
 def load_recipe(name: str) -> dict[str, Any]:
@@ -81,7 +90,7 @@ def _resolve(values: Mapping[str, Any], origin: Path | None, where: str, chain: 
     if key in chain:
         names = [*chain[chain.index(key):], key]
         raise ValueError(f"{where}: base cycle: {' -> '.join(names)}")
-    return _merge(_resolve(parent, parent_origin, parent_where, (*chain, key)), values)
+    return merge_config(_resolve(parent, parent_origin, parent_where, (*chain, key)), values)
 
 
 def _load_base(base: Any, origin: Path | None, where: str) -> tuple[str, dict[str, Any], Path | None, str]:
@@ -119,8 +128,9 @@ def _nest_legacy_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
     return nested
 
 
-def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """``child`` over ``parent``: sections merged option by option, other values replaced."""
+def merge_config(parent: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """``child`` over ``parent``: sections merged option by option, other values replaced (as a
+    config merges over its ``base:``, and a member over its recipe's shared options)."""
     merged = {**parent, **child}
     for section in SECTIONS:
         if isinstance(parent.get(section), Mapping) and isinstance(child.get(section), Mapping):

@@ -22,12 +22,14 @@ from pathlib import Path
 
 from .config_files import load_yaml_mapping
 
-__all__ = ["IGNORED_KEYS", "RUN_FILES", "claim_run_dir"]
+__all__ = ["IGNORED_KEYS", "MEMBERS_MANIFEST", "RUN_FILES", "claim_run_dir", "read_member_checkpoints", "read_members_manifest"]
 
 # The files a training run writes; ``overwrite=True`` removes these and nothing else.
 RUN_FILES = ("config.yaml", "state.pt", "best.safetensors", "last.safetensors", "metrics.jsonl", "curves.png")
 # Options that do not change what a run computes: they may differ when it is resumed.
-IGNORED_KEYS = frozenset({"resume", "progress", "num_workers", "out_dir", "cache_dir", "device"})
+IGNORED_KEYS = frozenset({"resume", "progress", "num_workers", "out_dir", "cache_dir", "device", "compile"})
+# A multi-member run (members.py) lists its finished members and its ensemble here.
+MEMBERS_MANIFEST = "members.json"
 _SHOWN_DIFFERENCES = 4
 
 
@@ -81,6 +83,33 @@ def claim_run_dir(
     if config.get("resume") is False:
         raise ValueError(f"{out_dir} holds this run already and the config says resume: false{refuse}")
     return "resume"
+
+
+def read_members_manifest(path: str | os.PathLike) -> dict:
+    """A multi-member run's ``members.json`` (``members.py``) as a dict; {} when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable members manifest ({error}); remove it or train with --overwrite") from None
+    if not isinstance(values, dict) or not isinstance(values.get("checkpoints", []), list):
+        raise ValueError(f"{path} is not a members manifest; remove it or train with --overwrite")
+    return values
+
+
+def read_member_checkpoints(run_dir: str | os.PathLike) -> list[Path] | None:
+    """The ensemble checkpoints a multi-member run folder lists (None: not such a folder); a run
+    not finished yet lists none, which is a ValueError."""
+    path = Path(run_dir) / MEMBERS_MANIFEST
+    if not path.is_file():
+        return None
+    files = [Path(run_dir) / name for name in read_members_manifest(path).get("checkpoints", [])]
+    if not files:
+        raise ValueError(f"{run_dir} is a multi-member run that has not finished (its {MEMBERS_MANIFEST} lists no "
+                         "ensemble yet): train it to the end first")
+    return files
 
 
 def _run_outputs(out_dir: Path) -> list[str]:

@@ -98,7 +98,9 @@ class TrainConfig:
     volumes once to that voxel size (cached under ``cache_dir``) so the model trains at the test
     resolution; validation volumes stay as they are (inference resamples them). ``infer`` holds
     the inference options (``InferConfig`` fields, e.g. a recipe's ``top_fraction``) that the
-    checkpoints carry (metadata ``extra["infer"]``), so the recipe's inference goes with the model. ``from_dict``/``from_yaml`` also take
+    checkpoints carry (metadata ``extra["infer"]``), so the recipe's inference goes with the model.
+    ``members`` (an ensemble recipe's models and pseudo-label steps, each a partial config over
+    these options) makes ``train`` run them in turn into ``out_dir/<name>`` (``members.py``). ``from_dict``/``from_yaml`` also take
     ``base:``/``recipe:`` and the flat keys of older configs (``recipes.py``).
 
     Example::
@@ -125,6 +127,8 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 16
     amp: bool | None = None  # None: on for CUDA
+    compile: bool = False  # torch.compile the training forward pass (models.compile_model)
+    members: list[dict] = field(default_factory=list)  # an ensemble's members trained in turn (members.py)
     # runtime
     device: str | None = None  # None: the first usable device (devices.usable_devices)
     num_workers: int = 2
@@ -168,6 +172,10 @@ class TrainConfig:
         overlap = set(self.train_volumes) & set(self.val_volumes)
         if overlap:
             raise ValueError(f"volumes {sorted(overlap)} are in both train_volumes and val_volumes")
+        if self.members:
+            from .members import member_steps  # members.py trains through training.py, which imports this
+
+            member_steps(self)  # every member's config checked now, not when its turn comes
 
     @property
     def samples_per_epoch(self) -> tuple[str, int]:

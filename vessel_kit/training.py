@@ -1,11 +1,11 @@
 """The training loop: ``train(TrainConfig)`` (the config: ``train_config.py``).
 
 The optimiser and schedule of ``config.optim`` (AdamW + OneCycle by default, ``optim.py``), AMP
-on CUDA, gradient accumulation, gradient clipping, EMA weights (``ema.py``), validation
-by the real surface Dice on held-out volumes (also resampled to ``val_voxel_sizes_um``: a
-simulated private test) with the probability threshold calibrated on them and stored in the
-checkpoints (``validation.py``), best-checkpoint saving, a JSON-lines metrics log
-and a PNG of the curves. The state is saved after every epoch, so an interrupted run resumes
+on CUDA, optional ``torch.compile`` (``compile``), gradient accumulation, gradient clipping, EMA
+weights (``ema.py``), validation by the real surface Dice on held-out volumes (also resampled
+to ``val_voxel_sizes_um``: a simulated private test) with the probability threshold calibrated on
+them and stored in the checkpoints (``validation.py``), best-checkpoint saving, a JSON-lines
+metrics log and a PNG of the curves. The state is saved after every epoch, so an interrupted run resumes
 where it stopped (``training_state.py``); crops depend only on (seed, epoch, index), so a resumed
 run is the run that was interrupted. 2D models train on crops (``data.CropDataset``), 3D models on
 patches (``patches.PatchDataset``) through the same loop; validation predicts whole volumes either
@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from .devices import usable_devices
 from .ema import ModelEMA
 from .layout import check_no_shared_images, load_train_volumes
 from .losses import build_loss
-from .models import build_model_from_config, load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from .models import build_model_from_config, compile_model, load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from .normalize import Normalization
 from .optim import build_optimizer, build_scheduler
 from .patches import PatchDataset
@@ -51,6 +51,9 @@ from .train_config import TrainConfig
 from .train_resolution import at_voxel_size
 from .training_state import load_training_state, save_training_state
 from .validation import validate, validation_cases
+
+if TYPE_CHECKING:
+    from .members import MembersResult
 
 # TrainConfig and load_train_volumes are re-exported: they were defined here.
 __all__ = ["TrainConfig", "TrainResult", "load_train_volumes", "train"]
@@ -65,13 +68,18 @@ class TrainResult:
     history: list[dict]
 
 
-def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
+def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult | MembersResult:
     """Train a model as ``config`` says; return where the checkpoints are and the history.
 
     ``out_dir`` belongs to one config (``runs.claim_run_dir``): the same config resumes, another
     one is refused before anything is written, unless ``overwrite`` (which deletes the old run's
-    files first).
+    files first). A config with ``members`` trains each in turn (``members.train_members``) and
+    returns a ``members.MembersResult``.
     """
+    if config.members:
+        from .members import train_members  # members.py imports this module
+
+        return train_members(config, overwrite=overwrite)
     out_dir = Path(config.out_dir)
     mode = claim_run_dir(out_dir, config.to_dict(), overwrite=overwrite, canonical=_canonical_config)
     # The first device usable_devices accepts: a missing or broken one is a ValueError naming it,
@@ -98,13 +106,14 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
         num_workers=config.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=config.num_workers > 0,
     )
-    voxel_sizes = {v.voxel_size_um for v in train_volumes} - {None}
-    model_config = config.model.model_config(
-        voxel_size_um=voxel_sizes.pop() if len(voxel_sizes) == 1 else None, tile_size=config.sample_size,
-    )
+    model_config = config.model.model_config(voxel_size_um=_model_voxel_size(config, train_volumes),
+                                             tile_size=config.sample_size)
     # 3D models are validated patch by patch at the training patch size; 2D ones on whole planes.
     val_tile = config.sample_size if config.patches is not None else None
     model = build_model_from_config(model_config, encoder_weights=config.model.encoder_weights).to(device)
+    # The compiled wrapper only runs the forward pass; optimiser, EMA, state and checkpoints keep
+    # the plain module, so no "_orig_mod." key reaches a file.
+    forward = compile_model(model, device) if config.compile else model
     optimizer = build_optimizer(config.optim, model.parameters())
     steps_per_epoch = len(loader) // config.optim.accumulate_steps
     scheduler = build_scheduler(config.optim, optimizer, total_steps=config.epochs * steps_per_epoch)
@@ -125,7 +134,8 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
         started = time.perf_counter()
         dataset.set_epoch(epoch)
         model.train()
-        train_stats = _train_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, config, device, use_amp, epoch)
+        train_stats = _train_epoch(model, forward, loader, criterion, optimizer, scheduler, scaler, ema, config,
+                                   device, use_amp, epoch)
         evaluated = ema.module if ema else model
         record = {"epoch": epoch, **train_stats, "lr": scheduler.get_last_lr()[0]}
         if val_cases:
@@ -160,6 +170,21 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult:
         best_score=best["score"], best_epoch=best["epoch"], best_checkpoint=out_dir / "best.safetensors",
         last_checkpoint=out_dir / "last.safetensors", history=history,
     )
+
+
+def _model_voxel_size(config: TrainConfig, volumes: list[TrainVolume]) -> float | None:
+    """The voxel size the model learns (stored in its checkpoints): the training volumes' (None
+    when unknown or mixed), divided by ``crops.scale``, which needs it known."""
+    sizes = {v.voxel_size_um for v in volumes}
+    size = sizes.pop() if len(sizes) == 1 else None
+    scale = config.crops.scale if config.crops is not None else 1.0
+    if scale == 1.0:
+        return size
+    if size is None:
+        raise ValueError(f"crops.scale {scale} needs one known voxel size for the training volumes, got "
+                         f"{ {v.name: v.voxel_size_um for v in volumes} }: the checkpoint records voxel size / "
+                         "scale so that inference resamples alike; set target_voxel_size_um to bring them to one")
+    return size / scale
 
 
 def _calibrated_on_every_axis(checkpoint: Path) -> bool:
@@ -203,8 +228,9 @@ def _canonical_config(values: Mapping[str, Any]) -> Mapping[str, Any]:
         return values
 
 
-def _train_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, config, device, use_amp, epoch) -> dict:
-    """One pass over the loader; returns the mean loss and mean loss parts."""
+def _train_epoch(model, forward, loader, criterion, optimizer, scheduler, scaler, ema, config, device, use_amp, epoch) -> dict:
+    """One pass over the loader, ``forward`` (``model`` or its compiled wrapper) predicting;
+    returns the mean loss and mean loss parts."""
     totals: dict[str, float] = {}
     batches = 0
     optimizer.zero_grad(set_to_none=True)
@@ -212,7 +238,7 @@ def _train_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, co
     for step, batch in enumerate(bar):
         image, target, valid = (batch[k].to(device, non_blocking=True) for k in ("image", "target", "valid"))
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            logits = model(image)
+            logits = forward(image)
         loss = criterion(logits.float(), target, valid)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch}, batch {step}: loss is {loss.item()}; lower lr or check the data")
