@@ -24,7 +24,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 rehearsal: $(STAMP)
-	$(BIN)/python -m pytest -q tests/test_kaggle_rehearsal.py
+	$(BIN)/python -m pytest -q -m 'slow or not slow' tests/test_kaggle_rehearsal.py
 
 dataset: $(STAMP)
 	./build_dataset.sh $(ARGS)

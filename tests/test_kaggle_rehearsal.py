@@ -30,6 +30,10 @@ from vessel_kit.submit import predict_submission
 from vessel_kit.synth import make_synthetic_dataset
 from vessel_kit.training import TrainConfig, train
 
+# About 5 minutes on 2 cores (training, the bundle's wheels, two fresh venvs, the notebook): outside
+# the default suite to keep it near 10 minutes; `make rehearsal` runs every test of this file.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = ("vessel_kit", "segmentation_models_pytorch", "timm", "safetensors")
 INFER_OPTIONS = {"axes": ["xy", "xz", "yz"], "tta": "none", "tile_size": 128, "progress": False}
@@ -113,6 +117,35 @@ def test_train_notebook_offline(rehearsal, monkeypatch):
     assert (tmp / "runs" / "notebook" / "best.safetensors").is_file()
 
 
+def test_infer_notebook_offline_with_a_3d_checkpoint(tmp_path, monkeypatch):
+    """A 3D checkpoint (the 2nd-place recipe, tiny): the bundle brings MONAI, the notebook predicts
+    with the recipe's carried settings (top fraction, 26-connected components) and its submission
+    equals the library's in-process one."""
+    pytest.importorskip("monai")
+    data = make_synthetic_dataset(tmp_path / "input" / "blood-vessel-segmentation", scale=0.5, seed=3, progress=False)
+    result = train(TrainConfig.from_dict({
+        "base": "2nd_place_3d", "data_root": str(data), "out_dir": str(tmp_path / "runs" / "tiny3d"),
+        "train_volumes": ["kidney_1_dense"], "val_volumes": [], "epochs": 1, "batch_size": 2, "num_workers": 0,
+        "progress": False, "target_voxel_size_um": None,
+        "patches": {"patch_size": [16, 32, 32], "patches_per_epoch": 4},
+        "model": {"model_kwargs": {"channels": [4, 8, 16], "strides": [2, 2]}},
+    }))
+    bundle_dir = tmp_path / "input" / "vessel-kit-bundle"
+    assert build_dataset(["--checkpoints", str(tmp_path / "runs" / "tiny3d"), "--out", str(bundle_dir),
+                          "--wheels", str(tmp_path / "wheels"), "--kaggle-id", "someone/vessel-kit-3d"]) == 0
+    assert "monai" in {p.name.split("-")[0] for p in bundle_dir.glob("*.whl")}
+    rehearsal = {"tmp": tmp_path, "image": _kaggle_image(tmp_path, (*BUNDLED, "monai"))}
+    python = _kaggle_like_venv(rehearsal, "probe3d") / "bin" / "python"
+    assert not _imports(python, "monai"), "monai must come from the bundle, not the stand-in image"
+    out = tmp_path / "working-infer"
+    printed = _run_offline("infer.ipynb", rehearsal, out, {"VESSEL_KIT_DATA": str(data)}, monkeypatch)
+    assert "tiny3d.safetensors" in printed and "top_fraction" in printed
+    reference = tmp_path / "reference.csv"
+    predict_submission(data, [result.best_checkpoint], reference, device="cpu", progress=False)
+    assert (out / "submission.csv").read_text() == reference.read_text()
+    validate_submission(out / "submission.csv", data / "sample_submission.csv")
+
+
 def _run_offline(name: str, rehearsal, out: Path, env: dict[str, str], monkeypatch) -> str:
     """Execute kaggle/<name> in a fresh Kaggle-like venv with no package index; returns its text output."""
     tmp = rehearsal["tmp"]
@@ -143,11 +176,11 @@ def _add_placeholder(data: Path, slices: Path) -> None:
     sample.write_text(sample.read_text() + "\n".join(rows) + "\n")
 
 
-def _kaggle_image(tmp: Path) -> Path:
+def _kaggle_image(tmp: Path, brought: tuple[str, ...] = BUNDLED) -> Path:
     """A folder of links to this environment's packages, minus those the bundle must bring."""
     site = Path(sysconfig.get_paths()["purelib"])
     bundled = set()
-    for name in BUNDLED:  # packages, modules and dist-info folders (an editable install lists few files)
+    for name in brought:  # packages, modules and dist-info folders (an editable install lists few files)
         files = importlib.metadata.distribution(name).files or []
         bundled |= {f.parts[0] for f in files if f.parts[0] != ".."} | {name}
     image = tmp / "kaggle_image"

@@ -157,6 +157,26 @@ def test_an_ensemble_mixing_2d_and_3d_models_averages_their_logits_with_weights(
     np.testing.assert_allclose(mixed, 0.25 * (10 * x - 5) + 0.75 * (-4 * x + 2), atol=FP16)
 
 
+def test_hull_gate_keeps_the_3d_mask_near_the_2d_mask_each_thresholded_alone(volume, tmp_path):
+    """Under hull_gate each rank is averaged alone (weights within it), thresholded alone, and the
+    3D mask is kept within hull_gate voxels of the 2D one; two accumulators when memmapped."""
+    from vessel_kit.postprocess import hull_gate
+
+    config = InferConfig(axes=("xy",), tta="none", tile_size=32, progress=False, threshold=0.5, hull_gate=1)
+    predictor = Predictor([PointwiseLogits2d(), AffineLogits3d()], config, model_weights=[1, 3], in_chans=3,
+                          normalization=UNIT)
+    logits = predictor.logits(volume, accumulator_path=tmp_path / "acc.npy")
+    x = volume.astype(np.float64) / 65535
+    np.testing.assert_allclose(logits.hull.array().astype(np.float64), 10 * x - 5, atol=FP16)  # the 2D rank alone
+    np.testing.assert_allclose(logits.array().astype(np.float64), -4 * x + 2, atol=FP16)  # the 3D rank alone
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["acc.hull.npy", "acc.npy"]
+    mask = predictor.to_mask(logits)
+    np.testing.assert_array_equal(mask, hull_gate(-4 * x + 2 > 0, 10 * x - 5 > 0, 1))
+    assert 0 < mask.sum() < (-4 * x + 2 > 0).sum()
+    with pytest.raises(ValueError, match=r"hull_gate=\{'dilation': 1, .*\} gates 3D models' mask by 2D models' mask, but this ensemble has only 2D"):
+        Predictor(PointwiseLogits2d(), config, in_chans=3, normalization=UNIT)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

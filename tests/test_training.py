@@ -94,7 +94,7 @@ def test_config_from_yaml_and_errors(tmp_path):
         TrainConfig.from_yaml(path)
     recipe = TrainConfig.from_dict({"recipe": "synthetic_cpu", "data_root": "/d", "epochs": 2})
     assert (recipe.model.encoder, recipe.model.in_chans, recipe.epochs) == ("mobilenet_v2", 3, 2)
-    with pytest.raises(ValueError, match=r"unknown recipe 'fast'; recipes: \[.*'kaggle_2p5d', 'synthetic_cpu'\]"):
+    with pytest.raises(ValueError, match=r"unknown recipe 'fast'; recipes: \[.*'kaggle_2p5d', 'seed_2p5d', 'synthetic_cpu'\]"):
         TrainConfig.from_dict({"recipe": "fast", "data_root": "/d"})
     with pytest.raises(ValueError, match="in both train_volumes and val_volumes"):
         TrainConfig(data_root="/d", train_volumes=["a"], val_volumes=["a"])
@@ -188,7 +188,7 @@ def test_a_run_with_a_flat_config_yaml_resumes(tmp_path):
     for section in ("model", "crops", "optim"):
         flat.update(config.to_dict()[section])
     for new in ("spatial_dims", "max_foreground_points", "optimizer", "optimizer_kwargs", "scheduler", "scheduler_kwargs",
-                "cutmix_p"):
+                "cutmix_p", "scale"):
         del flat[new]  # options the older version did not have
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(flat))
     (tmp_path / "state.pt").write_bytes(b"x")
@@ -236,7 +236,11 @@ def test_recipe_2nd_place_3d_smoke_trains_and_predicts(data_root, tmp_path):
 
 
 def test_recipe_4th_place_2d_and_3d_smoke_train_and_predict_a_hull_gated_ensemble(data_root, tmp_path):
+    from vessel_kit.hull import HullGate
+    from vessel_kit.infer import infer_volume
+    from vessel_kit.infer_config import InferConfig
     from vessel_kit.postprocess import hull_gate
+    from vessel_kit.submit import _carried_config
     from vessel_kit.synth import make_synthetic_volume
 
     config_2d, result_2d = _smoke_train("4th_place_2d", data_root, tmp_path / "2d",
@@ -247,8 +251,22 @@ def test_recipe_4th_place_2d_and_3d_smoke_train_and_predict_a_hull_gated_ensembl
                                 "upsample_kernel_size": [2, 2]}},
     )
     assert config_2d.crops.cutmix_p > 0 and config_2d.model.model_kwargs == {"decoder_attention_type": "scse"}
+    pair = [result_2d.best_checkpoint, result_3d.best_checkpoint]
+    carried = _carried_config(pair, log=lambda _: None)
+    assert carried.threshold == 0.05 and carried.hull_gate == HullGate(10, "convex", "sum", 0.5)  # the pair agrees
+    assert _carried_config(pair[:1], log=lambda _: None).hull_gate is None  # dropped for a lone member
     images, _ = make_synthetic_volume((16, 48, 48), seed=4)
-    mask_2d = _smoke_infer(config_2d, result_2d.best_checkpoint, images, axes=["xy"], tile_size=32)
-    mask_3d = _smoke_infer(config_3d, result_3d.best_checkpoint, images, tile_size=[16, 32, 32])
-    gated = hull_gate(mask_3d, mask_2d, 2)
-    assert gated.shape == images.shape and not (gated & ~mask_3d).any()
+    mask_2d = _smoke_infer(config_2d, result_2d.best_checkpoint, images, axes=["xy"], hull_gate=None)
+    mask_3d = _smoke_infer(config_3d, result_3d.best_checkpoint, images, hull_gate=None)
+    # a random 3D model at threshold 0.05 marks most voxels: gate with a threshold that leaves some out
+    removed = []
+    for rule in ({"threshold": 0.05}, {"top_fraction": 0.02}):  # random 2D weights mark ~all voxels at 0.05
+        options = InferConfig.from_dict({**carried.to_dict(), "axes": ["xy"], "tta": "none", "progress": False,
+                                         **rule, "hull_gate": 1})
+        gated = infer_volume(images, pair, options)
+        single = InferConfig(axes=("xy",), tta="none", progress=False, **rule)
+        alone_3d = infer_volume(images, pair[1], single)
+        np.testing.assert_array_equal(gated, hull_gate(alone_3d, infer_volume(images, pair[0], single), 1))
+        removed.append(int(alone_3d.sum() - gated.sum()))
+    assert max(removed) > 0  # the gate did remove 3D voxels far from the 2D mask
+    assert mask_2d.shape == mask_3d.shape == images.shape

@@ -18,6 +18,7 @@ from .rle import (
     parse_rle,
     rle_decode,
     rle_encode,
+    rle_rows,
     slice_id,
     validate_submission,
     write_submission,
@@ -40,6 +41,7 @@ _LAZY = {
     "LogitVolume": "predictor",
     "Predictor": "predictor",
     "infer_volume": "infer",
+    "infer_blocks": "blocks",
     "load_ensemble": "ensemble",
     "build_loss": "losses",
     "ModelConfig": "models",
@@ -56,6 +58,12 @@ _LAZY = {
     "save_checkpoint": "models",
     "remove_small_components": "postprocess",
     "make_pseudo_labels": "pseudo",
+    "densify_label": "pseudo",
+    "open_volume": "ome_zarr",
+    "require_voxel_size": "ome_zarr",
+    "OutputStore": "ome_zarr_out",
+    "create_output": "ome_zarr_out",
+    "surface_dice_blocks": "metric_blocks",
     "predict_submission": "submit",
     "write_empty_submission": "submit",
     "usable_devices": "devices",
@@ -69,6 +77,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # what IDEs and type checkers see of the lazy names
+    from .blocks import infer_blocks
     from .bundle import Bundle, read_bundle
     from .data import CropConfig, CropDataset, TrainVolume, cache_volume
     from .deadline import DeadlineWarning
@@ -78,13 +87,16 @@ if TYPE_CHECKING:  # what IDEs and type checkers see of the lazy names
     from .infer import infer_volume
     from .infer_config import InferConfig, list_infer_presets
     from .losses import build_loss
+    from .metric_blocks import surface_dice_blocks
     from .models import ModelConfig, build_model, load_checkpoint, register_architecture, save_checkpoint
+    from .ome_zarr import open_volume, require_voxel_size
+    from .ome_zarr_out import OutputStore, create_output
     from .optim import OptimConfig
     from .patches import PatchConfig, PatchDataset
     from .postprocess import hull_gate, remove_small_components
     from .recipes import list_recipes
     from .predictor import LogitVolume, Predictor
-    from .pseudo import make_pseudo_labels
+    from .pseudo import densify_label, make_pseudo_labels
     from .qc import qc_report
     from .submit import predict_submission, write_empty_submission
     from .synth import make_synthetic_dataset, make_synthetic_volume
@@ -120,6 +132,7 @@ __all__ = [
     "read_volume",
     "rle_decode",
     "rle_encode",
+    "rle_rows",
     "score_submission",
     "slice_files",
     "slice_id",

@@ -74,7 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
     recipes.set_defaults(run=_run_recipes)
 
     infer = commands.add_parser("infer", help="predict every test volume of a Kaggle layout into a submission")
-    infer.add_argument("data_root", type=Path, help="dataset root holding test/<volume>/images")
+    infer.add_argument("data_root", type=Path,
+                       help="dataset root holding test/<volume>/images, or one OME-Zarr, zarr or N5 volume "
+                            "(predicted into the OME-Zarr store --out NAME.zarr)")
     infer.add_argument("checkpoints", type=Path, nargs="+", help="one or more .safetensors checkpoints (an ensemble)")
     infer.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV (default submission.csv)")
     infer.add_argument("--split", default="test", choices=("train", "test"), help="which split to predict (default test)")
@@ -87,6 +89,19 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="cpu, cuda:N, comma-separated devices, or auto (default: every working GPU, else cpu)")
     infer.add_argument("--logits-dir", type=Path, default=None, help="also keep each volume's float16 logits there (.npy)")
     infer.add_argument("--on-error", default="raise", choices=("raise", "empty"), help="empty: a failing volume gets empty masks")
+    infer.add_argument("--voxel-size", dest="voxel_size_um", type=_positive_float, default=None,
+                       help="the input's (full-resolution) voxel size in µm; overrides its metadata and the Kaggle names")
+    infer.add_argument("--level", type=int, default=None,
+                       help="OME-Zarr/N5 input: the pyramid level to read (default: the one nearest the models' voxel size)")
+    infer.add_argument("--blocks", action="store_true",
+                       help="predict one volume (zarr, N5 or TIFF folder) block by block into --out NAME.zarr: "
+                            "any size, resumable, the same result as in memory (vessel_kit.blocks)")
+    infer.add_argument("--block", type=int, default=256,
+                       help="--blocks: block side in voxels, a multiple of 128 or below it (default 256; chunks of 128)")
+    infer.add_argument("--workers", type=int, default=None, help="--blocks: run on a dask LocalCluster of N worker processes")
+    infer.add_argument("--scheduler", default=None, help="--blocks: run on the dask cluster at this address (tcp://host:8786)")
+    infer.add_argument("--overwrite", action="store_true", help="--blocks: replace an --out store made with other settings")
+    infer.add_argument("--store-logits", action="store_true", help="--blocks: also store the float16 logits")
     infer.set_defaults(run=_run_infer)
 
     score = commands.add_parser("score", help="score a submission against a solution CSV")
@@ -182,6 +197,15 @@ def _weights(text: str) -> dict[str, float]:
     return {axis.strip(): float(weight) for axis, weight in pairs}
 
 
+def _hull_gate(text: str) -> int | dict[str, object]:
+    """An int (the dilation) or key=value pairs of ``hull.HullGate`` fields."""
+    if "=" not in text:
+        return int(text)
+    pairs = dict(part.split("=", 1) for part in text.split(","))
+    numbers = {"dilation": int, "threshold_3d": float}
+    return {key.strip(): numbers.get(key.strip(), str)(value.strip()) for key, value in pairs.items()}
+
+
 def _boolean(text: str) -> bool:
     words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
     if text.lower() not in words:
@@ -203,11 +227,14 @@ INFER_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "model_voxel_size_um": (float, "the models' voxel size in µm (default: the checkpoints')"),
     "batch_size": (int, "tiles per batch"),
     "amp": (_boolean, "true/false: float16 autocast on CUDA (default on)"),
+    "compile": (_boolean, "true: torch.compile the models (slower start, faster tiles on GPUs)"),
     "threshold": (float, "probability threshold (default: the checkpoints' calibrated one, else 0.5)"),
     "hysteresis": (_float_pair, "HIGH,LOW: voxels above HIGH seed the mask, which grows in 3D through voxels above LOW"),
     "top_fraction": (float, "keep this fraction of voxels instead of a threshold"),
     "min_component_size": (int, "drop 3D components smaller than this"),
     "connectivity": (int, "neighbourhood of those components: 6, 18 or 26 (default: 8 in-plane plus above/below)"),
+    "hull_gate": (_hull_gate, "2D + 3D ensembles: DILATION (keep the 3D mask within this many voxels of the 2D mask), "
+                              "or dilation=10,shape=convex,rule=sum,threshold_3d=0.5 (the 4th-place rule)"),
 }
 COMMAND_SET_FIELDS = ("device", "progress")  # --device is predict_submission's; progress always shows
 
@@ -224,15 +251,21 @@ def _run_train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
     result = train(TrainConfig.from_yaml(args.config), overwrite=args.overwrite)
-    print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch}: {result.best_checkpoint}")
+    for name, member in getattr(result, "members", {"": result}).items():  # a multi-member run: each member
+        print(f"{name + ': ' if name else ''}best validation score {member.best_score:.4f} at epoch "
+              f"{member.best_epoch}: {member.best_checkpoint}")
+    if hasattr(result, "checkpoints"):
+        print(f"ensemble ({result.manifest}): {' '.join(map(str, result.checkpoints))}")
     return 0
 
 
 def _run_recipes(args: argparse.Namespace) -> int:
     from .infer_config import list_infer_presets
-    from .recipes import list_recipes
+    from .recipes import list_recipes, recipe_members
 
-    for title, listing in (("training recipes (base: NAME)", list_recipes()),
+    recipes = {name: description + (f" [members: {', '.join(members)}]" if (members := recipe_members(name)) else "")
+               for name, description in list_recipes().items()}
+    for title, listing in (("training recipes (base: NAME)", recipes),
                            ("inference presets (vessel-kit infer --config NAME)", list_infer_presets())):
         print(f"{title}:")
         width = max(map(len, listing), default=0)
@@ -242,15 +275,74 @@ def _run_recipes(args: argparse.Namespace) -> int:
 
 
 def _run_infer(args: argparse.Namespace) -> int:
+    from .ome_zarr import is_volume_store
     from .submit import predict_submission
 
+    block_flags = [flag for flag, given in (("--workers", args.workers), ("--scheduler", args.scheduler),
+                                            ("--overwrite", args.overwrite), ("--store-logits", args.store_logits)) if given]
+    if block_flags and not args.blocks:
+        raise ValueError(f"{', '.join(block_flags)}: only with --blocks (block-wise inference into --out NAME.zarr)")
+    if is_volume_store(args.data_root) or args.blocks:
+        return _run_infer_volume(args)
+    if args.level is not None:
+        raise ValueError(f"--level is for an OME-Zarr or N5 volume; {args.data_root} is a dataset root")
     status = predict_submission(
         args.data_root, args.checkpoints, args.out, split=args.split, time_budget_s=args.time_budget,
         device=args.device, on_error=args.on_error, logits_dir=args.logits_dir, config=args.config,
-        **_infer_options(args),
+        voxel_size_um=args.voxel_size_um, **_infer_options(args),
     )
     print(f"submission written to {args.out}: " + ", ".join(f"{name} {state}" for name, state in status.items()))
     return 0
+
+
+def _run_infer_volume(args: argparse.Namespace) -> int:
+    """One zarr/N5 volume (``open_volume``: the level nearest the models' voxel size) predicted in
+    memory into the OME-Zarr store ``--out`` (mask and its pyramid)."""
+    from .infer import infer_volume
+    from .models import read_checkpoint_metadata
+    from .ome_zarr import open_volume
+    from .ome_zarr_out import create_output
+    from .submit import _carried_config
+
+    if args.out.suffix != ".zarr":
+        raise ValueError(f"--out {args.out}: a zarr or N5 volume is predicted into an OME-Zarr store: give --out NAME.zarr")
+    unused = [flag for flag, given in (("--split", args.split != "test"), ("--time-budget", args.time_budget),
+                                       ("--logits-dir", args.logits_dir), ("--on-error", args.on_error != "raise")) if given]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: for a dataset root only, not for the volume {args.data_root}")
+    config = (args.config or _carried_config(args.checkpoints, _log)).replace(**_infer_options(args))
+    if args.device:
+        config = config.replace(device=args.device)
+    trained_at = {read_checkpoint_metadata(path)["config"].voxel_size_um for path in args.checkpoints}
+    model_um = config.model_voxel_size_um or (trained_at.pop() if len(trained_at) == 1 else None)
+    if args.blocks:
+        from .blocks import infer_blocks
+
+        store = infer_blocks(args.data_root, [str(path) for path in args.checkpoints], args.out, config=config,
+                             block=args.block, chunks=min(128, args.block), voxel_size_um=args.voxel_size_um, level=args.level,
+                             executor="dask" if args.workers or args.scheduler else "serial", workers=args.workers,
+                             scheduler=args.scheduler, overwrite=args.overwrite, logits=args.store_logits)
+        print(f"mask written to {store.path}/mask (OME-Zarr, {store.voxel_size_um} µm), block by block")
+        return 0
+    source = open_volume(args.data_root, voxel_size_um=args.voxel_size_um, level=args.level, model_voxel_size_um=model_um)
+    print(f"{source!r}: {source.voxel_size_um} µm")
+    mask = infer_volume(source, [str(path) for path in args.checkpoints], config)
+    store = create_output(args.out, source.shape, voxel_size_um=source.voxel_size_um)
+    store.write_block((slice(None),) * 3, mask)
+    store.build_pyramid()
+    print(f"mask written to {store.path}/mask (OME-Zarr, {store.voxel_size_um} µm)")
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _run_score(args: argparse.Namespace) -> int:

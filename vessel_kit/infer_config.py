@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .axes import AXES
+from .hull import HullGate
 from .infer_options import check_infer_options
 
 __all__ = ["InferConfig", "list_infer_presets"]
@@ -42,10 +43,15 @@ class InferConfig:
     Geometry: ``axes``, ``axis_weights``, ``tile_size`` (an int, or one side per dimension for 3D
     patches), ``overlap``, ``min_plane_side``. Test-time augmentation: ``tta``,
     ``reverse_slices``. Resampling: ``model_voxel_size_um`` (default: the checkpoints'). Runtime:
-    ``batch_size``, ``device``, ``amp``, ``progress``. Output: ``threshold`` (default: the
+    ``batch_size``, ``device``, ``amp``, ``compile`` (``torch.compile`` each model replica: a
+    slower start, then faster tiles on GPUs; off by default), ``progress``. Output: ``threshold`` (default: the
     checkpoints' calibrated one), ``hysteresis``, ``top_fraction``, ``min_component_size`` and
     its ``connectivity`` (None: 8 neighbours in a slice plus the voxels above and below; 6, 18
-    or 26: the 3D neighbourhoods, e.g. 26 for the 2nd-place pipeline).
+    or 26: the 3D neighbourhoods, e.g. 26 for the 2nd-place pipeline). Ensemble rule (2D + 3D
+    ensembles only): ``hull_gate``, a ``hull.HullGate`` (or its dilation as an int, or a mapping
+    of its fields): each rank is averaged and thresholded on its own and the 2D mask's hull gates
+    the 3D one (the 4th-place rule: ``{"dilation": 10, "shape": "convex", "rule": "sum",
+    "threshold_3d": 0.5}``).
 
     Lists given for tuple fields are stored as tuples, so two equal configs compare equal.
 
@@ -70,6 +76,7 @@ class InferConfig:
     batch_size: int = 8
     device: str | tuple[str, ...] | None = None
     amp: bool | None = None
+    compile: bool = False
     progress: bool = True
     # output
     threshold: float | None = None
@@ -77,6 +84,7 @@ class InferConfig:
     top_fraction: float | None = None
     min_component_size: int = 0
     connectivity: int | None = None
+    hull_gate: HullGate | None = None
 
     def __post_init__(self) -> None:
         check_infer_options(self._options())  # before the conversions below: errors show values as given
@@ -87,6 +95,8 @@ class InferConfig:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.axis_weights, Mapping):
             object.__setattr__(self, "axis_weights", dict(self.axis_weights))
+        if self.hull_gate is not None:
+            object.__setattr__(self, "hull_gate", HullGate.parse(self.hull_gate))
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -145,6 +155,8 @@ class InferConfig:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, HullGate):
+        return value.to_dict()
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):

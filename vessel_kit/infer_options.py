@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 from .axes import AXES
+from .hull import HullGate
 from .tta import TTA_MODES
 
 # Voxel sizes outside this range (µm) are surely a mistake (HiP-CT ranges from ~1 to ~25 µm per
@@ -148,6 +149,14 @@ def _path(value: object) -> str | None:
     return None if isinstance(value, (str, os.PathLike)) else "must be a file path"
 
 
+def _hull_gate(value: object) -> str | None:
+    try:
+        HullGate.parse(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _deadline(value: object) -> str | None:
     return None if _real(value) else "must be a time.monotonic() time"
 
@@ -168,11 +177,13 @@ INFER_OPTIONS: dict[str, Callable[[object], str | None]] = {
     "model_voxel_size_um": _optional(_voxel_size),
     "device": _optional(_device),
     "amp": _optional(_boolean),
+    "compile": _boolean,
     "threshold": _optional(_probability),
     "hysteresis": _optional(_hysteresis),
     "top_fraction": _optional(_fraction),
     "min_component_size": _int_at_least(0),
     "connectivity": _optional(_choice((6, 18, 26))),
+    "hull_gate": _optional(_hull_gate),
     "return_logits": _boolean,
     "accumulator_path": _optional(_path),
     "progress": _boolean,

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 import cv2
 import numpy as np
 
+from .hull import ball_dilated_slices
+
 # A (Z, Y, X) array of scores, or a function that yields its slices afresh on each call (e.g.
 # logits resampled on the fly): the functions below read the slices several times.
 Slices = np.ndarray | Callable[[], Iterable[np.ndarray]]
@@ -74,9 +76,10 @@ def remove_small_components(
 def hull_gate(mask: np.ndarray, other: np.ndarray, dilation: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """``mask`` where ``other`` dilated by a ball of radius ``dilation`` voxels is set, else False.
 
-    The 4th-place ensemble rule: the 3D model's vessels are kept only near the 2D model's. The
-    ball is streamed as one disk per neighbouring slice (radius sqrt(r² - dz²) at distance dz),
-    so memory is one slice. Writes into ``out`` (may be ``mask`` itself) or a new bool array.
+    A 2D + 3D ensemble rule (``InferConfig.hull_gate``, ``hull.HullGate``; the 4th place used a
+    convex-hull variant): the 3D model's vessels are kept only near the 2D model's. The ball is
+    streamed as one disk per neighbouring slice, so memory is one slice. Writes into ``out`` (may
+    be ``mask`` itself) or a new bool array.
 
     Example::
 
@@ -90,21 +93,9 @@ def hull_gate(mask: np.ndarray, other: np.ndarray, dilation: int, *, out: np.nda
     if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 0:
         raise ValueError(f"hull_gate: dilation must be a non-negative int (voxels), got {dilation!r}")
     out = mask_output(out, mask.shape)
-    disks = {dz: _disk(dilation, dz) for dz in range(-dilation, dilation + 1)}
-    depth = mask.shape[0]
-    for z in range(depth):
-        hull = np.zeros(mask.shape[1:], dtype=np.uint8)
-        for dz, disk in disks.items():
-            if 0 <= z + dz < depth:
-                np.maximum(hull, cv2.dilate(other[z + dz].view(np.uint8), disk), out=hull)
-        out[z] = mask[z] & hull.view(np.bool_)
+    for z, hull in enumerate(ball_dilated_slices(other, dilation)):
+        out[z] = mask[z] & hull
     return out
-
-
-def _disk(radius: int, dz: int) -> np.ndarray:
-    """The uint8 (2r+1, 2r+1) slice of a radius-``radius`` ball at height ``dz``."""
-    offsets = np.arange(-radius, radius + 1)
-    return (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2 - dz**2).astype(np.uint8)
 
 
 def hysteresis_threshold(

@@ -26,6 +26,10 @@ or models. A background thread prepares the next batch while the model runs. Whe
 voxel size differs from the models' training voxel size, the volume is resampled to the models'
 resolution (``resample.py``) and the logits are resampled back slice by slice.
 
+Block-wise (``logits(..., region=box)``, driven by ``blocks.py``): only the box's logits, from the
+windows of the whole volume's grid that reach it, read where they need it, so the box equals
+that part of the whole-volume result (2D, 2.5D and 3D models).
+
 Example::
 
     predictor = Predictor(["best.safetensors"], InferConfig(tta="none", axes=("xy",)))
@@ -56,12 +60,15 @@ from .deadline import Deadline, DeadlineWarning
 from .devices import usable_devices
 from .ensemble import DEFAULT_THRESHOLD, Ensemble, MixedEnsemble, ModelSource, check_tile_size, load_ensemble
 from .infer_config import InferConfig
-from .normalize import Normalization
+from .models import compile_model
+from .normalize import Normalization, Window
+from .hull import hull_slices, sum_rule_slices
 from .postprocess import hysteresis_threshold, mask_output, remove_small_components
-from .resample import resample_volume, resampled_slices, scaled_shape
+from .regions import Region, check_region, region_shape
+from .resample import ResampledSource, resample_region, resample_volume, resampled_slices, scaled_shape, source_span
 from .sources import ArraySource, VolumeSource, as_source, read_planes
 from .tta import View, tta_views
-from .windows import PatchPass, PlanePass, plan_patches, plan_planes
+from .windows import PatchPass, PlanePass, Reach, plan_patches, plan_planes
 
 LOGIT_LIMIT = 1000.0  # logits are clipped to +-this before float16 accumulation (max 65504)
 RESCALE_TOLERANCE = 0.02  # voxel sizes within 2 % count as equal (kidney_5: 50.28 vs 50 µm)
@@ -73,7 +80,8 @@ __all__ = ["LOGIT_LIMIT", "MAX_RESCALE", "RESCALE_TOLERANCE", "LogitVolume", "Pr
 @dataclass(frozen=True)
 class LogitVolume:
     """The averaged float16 logits of one volume, at the models' resolution (``accumulator``),
-    and the (Z, Y, X) ``shape`` of the volume they belong to.
+    and the (Z, Y, X) ``shape`` of the volume they belong to. Under ``InferConfig.hull_gate``
+    they are the 3D models' logits, and ``hull`` holds the 2D models' (whose mask gates them).
 
     Example::
 
@@ -84,6 +92,7 @@ class LogitVolume:
 
     accumulator: np.ndarray
     shape: tuple[int, int, int]
+    hull: LogitVolume | None = None
 
     def slices(self) -> Iterator[np.ndarray]:
         """The logits one (Y, X) slice at a time, at ``shape`` (resampled when needed)."""
@@ -139,7 +148,8 @@ class Predictor:
         check_tile_size(self.config.tile_size, self.ensemble)
         _check_3d_options(self.config, self.ensemble)
         self.axis_weights = _axis_weights(self.config)
-        self._groups = [_Group(group, share, _replicas(group, self.devices)) for group, share in self.ensemble.groups()]
+        self._groups = [_Group(group, share, _replicas(group, self.devices, compiled=self.config.compile))
+                        for group, share in self.ensemble.groups()]
 
     @property
     def threshold(self) -> float:
@@ -169,6 +179,8 @@ class Predictor:
         voxel_size_um: float | None = None,
         deadline: float | None = None,
         accumulator_path: str | os.PathLike | None = None,
+        region: Sequence[slice] | None = None,
+        intensity_windows: Sequence[Window | None] | None = None,
     ) -> LogitVolume:
         """The averaged logits of a (Z, Y, X) ``volume`` (uint16 as read, or any real dtype): an
         array-like (numpy, memmap, zarr, dask), a folder of TIFF slices or any ``VolumeSource``,
@@ -181,37 +193,81 @@ class Predictor:
         tile rate so far is not started and the passes done are used alone (``DeadlineWarning``);
         past it in the middle of a pass, ``TimeoutError``. ``accumulator_path``: keep the float16
         accumulator in a ``.npy`` memmap there instead of RAM.
+        ``region``: one slice per axis; only the logits of that box are predicted (the
+        ``LogitVolume`` of the box, at the volume's resolution), bit-identical to that box of the
+        whole volume's logits up to the models' batch arithmetic: see ``_region_logits``.
+        ``intensity_windows``: the normalisation windows, one per rank (``intensity_windows``);
+        default: sampled from ``volume``.
         """
         if hasattr(volume, "ndim"):
             _check_volume(volume)
         original = as_source(volume)
         config = self.config
         voxel_size_um = original.voxel_size_um if voxel_size_um is None else voxel_size_um
-        source = _at_model_resolution(original, voxel_size_um, config.model_voxel_size_um or self.ensemble.voxel_size_um)
-        jobs = [job for group in self._groups for job in self._plan(group, original, source.shape)]
-        accumulator = _zeros(source.shape, accumulator_path)
-        clock = Deadline(deadline, total=sum(work.tile_count for work, _, _ in jobs))
-        done_weight = 0.0
+        model_voxel_um = config.model_voxel_size_um or self.ensemble.voxel_size_um
+        windows = self.intensity_windows(original) if intensity_windows is None else list(intensity_windows)
+        if len(windows) != len(self._groups):
+            raise ValueError(f"intensity_windows has {len(windows)} windows; these models need {len(self._groups)} (one per rank)")
+        if region is not None:
+            if deadline is not None or accumulator_path is not None:
+                raise ValueError("deadline and accumulator_path are for whole volumes; a region (block) is predicted "
+                                 "in RAM without a deadline: leave them unset with region")
+            return self._region_logits(original, region, _model_shape(original.shape, voxel_size_um, model_voxel_um), windows)
+        source = _at_model_resolution(original, voxel_size_um, model_voxel_um)
+        plans = [self._plan(group, source.shape, window) for group, window in zip(self._groups, windows, strict=True)]
+        clock = Deadline(deadline, total=sum(work.tile_count for jobs in plans for work, _, _ in jobs))
         with _Progress(clock.total, config.progress, clock) as tick:
-            for index, (work, feed, replicas) in enumerate(jobs):
-                if clock.would_overrun(work.tile_count):
-                    names = [_pass_name(p) for p, _, _ in jobs]
-                    warnings.warn(f"the deadline leaves no time for axes {names[index:]}; using {names[:index]} only",
-                                  DeadlineWarning, stacklevel=3)
-                    break
-                if isinstance(work, PatchPass):
-                    _run_patch_pass(source, work, replicas, feed, accumulator, tick)
-                else:
-                    _run_plane_pass(source, work, replicas, feed, accumulator, tick)
-                done_weight += work.weight
-        del source
-        if done_weight < 1.0 - 1e-6:  # passes were skipped: renormalise the weights of those done
-            _scale(accumulator, 1.0 / done_weight)
-        return LogitVolume(accumulator, original.shape)
+            if config.hull_gate is None:
+                accumulator = _accumulate(source, [job for jobs in plans for job in jobs], _zeros(source.shape, accumulator_path), clock, tick)
+                return LogitVolume(accumulator, original.shape)
+            # hull gating: each rank is averaged on its own; the 2D models' mask gates the 3D models'
+            by_rank = {group.ensemble.spatial_dims: jobs for group, jobs in zip(self._groups, plans, strict=True)}
+            hull = _accumulate(source, by_rank[2], _zeros(source.shape, _beside(accumulator_path, "hull")), clock, tick)
+            gated = _accumulate(source, by_rank[3], _zeros(source.shape, accumulator_path), clock, tick)
+        return LogitVolume(gated, original.shape, hull=LogitVolume(hull, original.shape))
 
-    def _plan(self, group: _Group, original: VolumeSource, shape: tuple[int, int, int]) -> list[_Job]:
+    def intensity_windows(self, volume: VolumeSource | np.ndarray) -> list[Window | None]:
+        """Each rank's intensity window for ``volume`` (sampled from it, see ``Normalization.window``):
+        computed once per volume and passed to every block of a block-wise run."""
+        source = as_source(volume)
+        return [group.ensemble.normalization.window(source) for group in self._groups]
+
+    def _region_logits(self, original: VolumeSource, region: Sequence[slice], shape: tuple[int, int, int],
+                       windows: list[Window | None]) -> LogitVolume:
+        """The logits of the box ``region`` of ``original``, predicted at the models' resolution
+        (``shape``) over the same global window grid as the whole volume: only the windows that
+        reach the box are run, reading only what they (and the 2.5D neighbour planes) need, and
+        each voxel's window sum, normaliser, clipping and float16 additions are those of the
+        whole-volume run. With resampling, the box of the model-resolution volume that the
+        region's logits are resampled from is predicted, from a ``ResampledSource``, and resampled
+        back with the same taps as the whole volume."""
+        self._check_blockable()
+        region = check_region(region, original.shape)
+        source = original if shape == original.shape else ResampledSource(original, shape)
+        core = region if shape == original.shape else source_span(shape, original.shape, region)
+        plans = [self._plan(group, shape, window) for group, window in zip(self._groups, windows, strict=True)]
+        jobs = [job for jobs in plans for job in jobs]
+        clock = Deadline(None, total=sum(_tiles_reaching(work, core) for work, _, _ in jobs))
+        with _Progress(clock.total, self.config.progress, clock) as tick:
+            accumulator = _accumulate(source, jobs, np.zeros(region_shape(core), np.float16), clock, tick, core)
+        if source is original:
+            return LogitVolume(accumulator, region_shape(region))
+        back = resample_region(lambda box: accumulator[_shift(box, core)], shape, original.shape, region, dtype=np.float16)
+        return LogitVolume(back, region_shape(region))
+
+    def _check_blockable(self) -> None:
+        """ValueError for what a region (block) cannot be predicted with exactly."""
+        if self.config.hull_gate is not None:
+            raise ValueError("hull_gate thresholds the 2D and 3D models' logits apart, over the whole volume: it has no "
+                             "block-wise (region) form; unset hull_gate, or predict the volume whole (infer_volume)")
+        if any(group.ensemble.spatial_dims == 2 and group.ensemble.normalization.mode == "zscore" for group in self._groups):
+            raise ValueError("block-wise (region) inference of 2D models needs a per-volume intensity window, but "
+                             "normalization mode 'zscore' normalises each whole plane stack on its own: use models "
+                             "trained with 'percentile' or 'unit'")
+
+    def _plan(self, group: _Group, shape: tuple[int, int, int], window: Window | None) -> list[_Job]:
         """One rank's passes over a volume of ``shape`` (weighted by the rank's share), each with
-        how its windows are fed (intensity window from the ``original`` volume) and its replicas."""
+        how its windows are fed (the volume's intensity ``window``) and its replicas."""
         config, ensemble = self.config, group.ensemble
         tile = config.tile_size if config.tile_size is not None else ensemble.tile_size
         square = config.tta == "d4"
@@ -224,7 +280,7 @@ class Predictor:
                                  overlap=config.overlap, stride=ensemble.stride, square=square)
         feed = _Feed(
             in_chans=ensemble.in_chans, normalization=ensemble.normalization,
-            intensity_window=ensemble.normalization.window(original), weights=ensemble.weights,
+            intensity_window=window, weights=ensemble.weights,
             batch_size=config.batch_size, use_amp=config.amp is not False and all(d.type == "cuda" for d in self.devices),
             views=tta_views(config.tta, spatial_dims=ensemble.spatial_dims,
                             reverse_slices=config.reverse_slices and ensemble.in_chans > 1),
@@ -236,14 +292,69 @@ class Predictor:
         else probability > ``threshold``; then components under ``min_component_size`` go.
         Streams the logits slice by slice; writes into ``out`` when given."""
         config = self.config
-        if config.hysteresis is not None:
-            high, low = config.hysteresis
-            mask = hysteresis_threshold(logits.slices, logits.shape, logit(high), logit(low), out=out)
-        else:
-            mask = _threshold(logits.slices, logits.shape, self.threshold, config.top_fraction, out)
+        mask = self._mask(logits, self.threshold, out) if logits.hull is None else self._hull_mask(logits, out)
         if config.min_component_size > 1:
             return remove_small_components(mask, config.min_component_size, connectivity=config.connectivity, out=mask)
         return mask
+
+    def _mask(self, logits: LogitVolume, threshold: float, out: np.ndarray | None) -> np.ndarray:
+        """``logits`` thresholded as the config says: hysteresis, top fraction or ``threshold``."""
+        if self.config.hysteresis is not None:
+            high, low = self.config.hysteresis
+            return hysteresis_threshold(logits.slices, logits.shape, logit(high), logit(low), out=out)
+        return _threshold(logits.slices, logits.shape, threshold, self.config.top_fraction, out)
+
+    def _hull_mask(self, logits: LogitVolume, out: np.ndarray | None) -> np.ndarray:
+        """The mask of a hull-gated 2D + 3D ensemble (``hull.HullGate``): the 2D mask's hull
+        gates the 3D mask ("and") or adds the 3D probability to the 2D one inside it ("sum")."""
+        gate = self.config.hull_gate
+        ranks = {group.ensemble.spatial_dims: group.ensemble for group in self._groups}
+        threshold_2d = self._rank_threshold(ranks[2])
+        threshold_3d = gate.threshold_3d if gate.threshold_3d is not None else self._rank_threshold(ranks[3])
+        hulls = hull_slices(self._mask(logits.hull, threshold_2d, None), gate)
+        if gate.rule == "and":
+            mask = self._mask(logits, threshold_3d, out)
+            for z, hull in enumerate(hulls):
+                mask[z] &= hull
+            return mask
+        mask = mask_output(out, logits.shape)
+        for z, plane in enumerate(sum_rule_slices(logits.slices(), logits.hull.slices(), hulls, threshold_2d + threshold_3d)):
+            mask[z] = plane
+        return mask
+
+    def _rank_threshold(self, ensemble: Ensemble) -> float:
+        """One rank's threshold under a hull rule: the config's, else its checkpoints' calibrated one, else 0.5."""
+        if self.config.threshold is not None:
+            return self.config.threshold
+        return DEFAULT_THRESHOLD if ensemble.threshold is None else ensemble.threshold
+
+
+def _accumulate(source: VolumeSource, jobs: list[_Job], accumulator: np.ndarray, clock: Deadline, tick,
+                core: Region | None = None) -> np.ndarray:
+    """Run ``jobs`` (passes with their feeds and replicas) into ``accumulator`` (the box ``core``
+    of the volume only, when given) and return it,
+    divided by the weight of the passes done (so one rank of a mixed ensemble run alone is that
+    rank's average): a pass the deadline leaves no time for is skipped (``DeadlineWarning``) and
+    the others stand for it."""
+    done_weight = 0.0
+    for index, (work, feed, replicas) in enumerate(jobs):
+        if clock.would_overrun(work.tile_count):
+            names = [_pass_name(p) for p, _, _ in jobs]
+            if done_weight == 0:
+                raise TimeoutError(f"the deadline leaves no time for any of the passes {names}")
+            warnings.warn(f"the deadline leaves no time for axes {names[index:]}; using {names[:index]} only",
+                          DeadlineWarning, stacklevel=4)
+            break
+        if isinstance(work, PatchPass) and core is not None:
+            _run_patch_region(source, work, replicas, feed, accumulator, tick, core)
+        elif isinstance(work, PatchPass):
+            _run_patch_pass(source, work, replicas, feed, accumulator, tick)
+        else:
+            _run_plane_pass(source, work, replicas, feed, accumulator, tick, core)
+        done_weight += work.weight
+    if abs(done_weight - 1.0) > 1e-6:  # passes were skipped, or one rank of a mixed ensemble ran alone
+        _scale(accumulator, 1.0 / done_weight)
+    return accumulator
 
 
 # --- what every pass of one volume shares ------------------------------------------------------
@@ -307,66 +418,117 @@ class _Progress:
 # --- 2D / 2.5D: planes along an axis -----------------------------------------------------------
 
 
-def _run_plane_pass(source: VolumeSource, work: PlanePass, replicas: list[_Replica], feed: _Feed, accumulator, tick) -> None:
-    """Predict every plane of one axis and add weight x its logits into the accumulator.
+def _run_plane_pass(source: VolumeSource, work: PlanePass, replicas: list[_Replica], feed: _Feed, accumulator, tick,
+                    core: Region | None = None) -> None:
+    """Predict every plane of one axis and add weight x its logits into the accumulator (which
+    holds the box ``core`` of the volume, when given: then only its planes, and in them only the
+    tiles that reach it, are predicted).
 
     With several devices, each takes a contiguous share of the planes; planes are disjoint
     slices of the accumulator, so the threads never write the same voxels.
     """
-    bounds = np.linspace(0, work.planes, len(replicas) + 1).round().astype(int)
+    slice_axis = SLICE_AXIS[work.axis]
+    planes = range(work.planes) if core is None else range(core[slice_axis].start, core[slice_axis].stop)
+    in_plane = tuple(slice(0, side) for side in work.grid.region_shape) if core is None else _in_plane(core, slice_axis)
+    bounds = np.linspace(planes.start, planes.stop, len(replicas) + 1).round().astype(int)
     shares = [(replica, int(a), int(b)) for replica, a, b in zip(replicas, bounds[:-1], bounds[1:], strict=True) if b > a]
 
     def run(share) -> None:
         replica, start, stop = share
-        _run_planes(source, work, range(start, stop), replica, feed, accumulator, tick)
+        _run_planes(source, work, range(start, stop), in_plane, planes.start, replica, feed, accumulator, tick)
 
     _in_threads(run, shares)
 
 
-def _run_planes(source: VolumeSource, work: PlanePass, planes: range, replica: _Replica, feed: _Feed, accumulator, tick) -> None:
+def _run_planes(source: VolumeSource, work: PlanePass, planes: range, in_plane: Region, first_plane: int,
+                replica: _Replica, feed: _Feed, accumulator, tick) -> None:
+    """The planes ``planes``, each blended over its box ``in_plane`` and added into the
+    accumulator, whose plane 0 along the pass' axis is plane ``first_plane``."""
     grid = work.grid
     targets = np.moveaxis(accumulator, SLICE_AXIS[work.axis], 0)
-    height, width = grid.region_shape
     tile_h, tile_w = grid.window_shape
-    corners = grid.corners
-    normaliser = grid.normaliser()
+    reach = grid.reaching(in_plane)
+    (top, left), blend_box = reach.origin, _shift(in_plane, reach.span)
+    normaliser = grid.normaliser(in_plane)
     pending: dict[int, list] = {}  # plane index -> [padded logit sum, windows done]
-    batches = _plane_batches(source, work, planes, feed)
+    batches = _plane_batches(source, work, planes, reach, feed)
     for batch_index, batch in _prefetch(batches, replica.device):
         logits = _forward(replica.models, batch, feed)
         for (plane, y, x), tile_logits in zip(batch_index, logits, strict=True):
-            entry = pending.setdefault(plane, [np.zeros((max(height, tile_h), max(width, tile_w)), np.float32), 0])
-            entry[0][y : y + tile_h, x : x + tile_w] += tile_logits * grid.importance
+            entry = pending.setdefault(plane, [np.zeros(reach.extent, np.float32), 0])
+            entry[0][y - top : y - top + tile_h, x - left : x - left + tile_w] += tile_logits * grid.importance
             entry[1] += 1
-            if entry[1] == len(corners):
-                blended = entry[0][:height, :width] / normaliser
+            if entry[1] == len(reach.corners):
+                blended = entry[0][blend_box] / normaliser
                 _check_finite(blended, f"{work.axis} plane {plane}")
                 np.clip(blended, -LOGIT_LIMIT, LOGIT_LIMIT, out=blended)
                 blended *= work.weight
-                targets[plane] += blended
+                targets[plane - first_plane] += blended
                 del pending[plane]
         tick(len(batch_index))
 
 
-def _plane_batches(source: VolumeSource, work: PlanePass, planes: range, feed: _Feed,
+def _plane_batches(source: VolumeSource, work: PlanePass, planes: range, reach: Reach, feed: _Feed,
                    slab: int = 8) -> Iterator[tuple[list, np.ndarray]]:
-    """(index, tiles) batches of (B, C, T, T) float32 tiles running across consecutive planes,
-    read ``slab`` planes (plus their neighbour planes) at a time."""
+    """(index, tiles) batches of (B, C, T, T) float32 tiles of the windows ``reach`` names,
+    running across consecutive planes, read ``slab`` planes (plus their neighbour planes, and in
+    each plane only the span the windows cover) at a time."""
     half = feed.in_chans // 2
     slice_axis = SLICE_AXIS[work.axis]
     height, width = work.grid.window_shape
+    (top, left), whole = reach.origin, reach.span == tuple(slice(0, side) for side in work.grid.region_shape)
+    planes_source = source if whole else _Cropped(source, _with_plane_axis(reach.span, slice_axis, source.shape))
 
     def tiles() -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
         for first in range(planes.start, planes.stop, slab):
             last = min(first + slab, planes.stop)
-            block = read_planes(source, slice_axis, first, last, halo=half)  # block[k]: plane first - half + k
+            block = read_planes(planes_source, slice_axis, first, last, halo=half)  # block[k]: plane first - half + k
             for plane in range(first, last):
                 neighbours = block[plane - first : plane - first + feed.in_chans]
                 stack = _pad_to(feed.normalization.apply(neighbours, feed.intensity_window), (height, width))
-                for y, x in work.grid.corners:
-                    yield (plane, y, x), stack[:, y : y + height, x : x + width]
+                for y, x in reach.corners:
+                    yield (plane, y, x), stack[:, y - top : y - top + height, x - left : x - left + width]
 
     return _batched(tiles(), feed.batch_size)
+
+
+class _Cropped:
+    """The box ``box`` of ``source`` as a source of its own (reads shifted into the box)."""
+
+    def __init__(self, source: VolumeSource, box: Region) -> None:
+        self.source, self.box = source, box
+        self.shape = region_shape(box)
+        self.dtype = source.dtype
+
+    def read(self, region: Region) -> np.ndarray:
+        region = check_region(region, self.shape)
+        return self.source.read(tuple(slice(r.start + b.start, r.stop + b.start) for r, b in zip(region, self.box, strict=True)))
+
+
+def _in_plane(box: Region, slice_axis: int) -> Region:
+    """The (H, W) part of a (Z, Y, X) box, for planes along ``slice_axis``."""
+    return tuple(part for axis, part in enumerate(box) if axis != slice_axis)
+
+
+def _with_plane_axis(in_plane: Region, slice_axis: int, shape: tuple[int, int, int]) -> Region:
+    """The (Z, Y, X) box of an (H, W) box over every plane along ``slice_axis``."""
+    parts = list(in_plane)
+    parts.insert(slice_axis, slice(0, shape[slice_axis]))
+    return tuple(parts)
+
+
+def _shift(box: Region, origin: Region) -> Region:
+    """``box`` in the coordinates of a box starting at ``origin``'s starts."""
+    return tuple(slice(part.start - start.start, part.stop - start.start) for part, start in zip(box, origin, strict=True))
+
+
+def _tiles_reaching(work: PlanePass | PatchPass, core: Region) -> int:
+    """The tiles (patches) of a pass that a run of the box ``core`` predicts."""
+    if isinstance(work, PatchPass):
+        return len(work.grid.reaching(core).corners)
+    slice_axis = SLICE_AXIS[work.axis]
+    planes = core[slice_axis].stop - core[slice_axis].start
+    return planes * len(work.grid.reaching(_in_plane(core, slice_axis)).corners)
 
 
 # --- 3D: patches -------------------------------------------------------------------------------
@@ -400,6 +562,39 @@ def _run_patch_pass(source: VolumeSource, work: PatchPass, replicas: list[_Repli
         rows.flush(until=z_starts[index + 1] if index + 1 < len(z_starts) else accumulator.shape[0])
 
 
+def _run_patch_region(source: VolumeSource, work: PatchPass, replicas: list[_Replica], feed: _Feed, accumulator, tick,
+                      core: Region) -> None:
+    """The patch pass of the box ``core`` only (the accumulator holds that box): the patches that
+    reach it, their weighted logits summed in float32 over the span they cover in the order of
+    the whole pass, then the box divided by the normaliser, clipped, weighted and added into the
+    float16 accumulator as ``_OpenRows.flush`` does. The devices share the patches."""
+    grid = work.grid
+    reach = grid.reaching(core)
+    sums = np.zeros(reach.extent, np.float32)
+    lock = threading.Lock()
+    bounds = np.linspace(0, len(reach.corners), len(replicas) + 1).round().astype(int)
+    shares = [(replica, reach.corners[a:b]) for replica, a, b in zip(replicas, bounds[:-1], bounds[1:], strict=True) if b > a]
+
+    def run(share) -> None:
+        replica, mine = share
+        for batch_index, batch in _prefetch(_patch_batches(source, work, mine, feed), replica.device):
+            for corner, patch_logits in zip(batch_index, _forward(replica.models, batch, feed), strict=True):
+                box = tuple(slice(start - origin, min(start + side, total) - origin) for start, side, total, origin
+                            in zip(corner, grid.window_shape, grid.region_shape, reach.origin, strict=True))
+                inside = tuple(slice(0, part.stop - part.start) for part in box)
+                weighted = patch_logits[inside] * grid.importance[inside]
+                _check_finite(weighted, f"the patch at {corner}")
+                with lock:
+                    sums[box] += weighted
+            tick(len(batch_index))
+
+    _in_threads(run, shares)
+    blended = sums[_shift(core, reach.span)] / grid.normaliser(core)
+    np.clip(blended, -LOGIT_LIMIT, LOGIT_LIMIT, out=blended)
+    blended *= work.weight
+    accumulator += blended
+
+
 class _OpenRows:
     """float32 sums of weighted patch logits over the Z rows [start, start + window depth) that
     patches still to come can reach; ``flush`` blends the finished rows into the accumulator."""
@@ -423,18 +618,21 @@ class _OpenRows:
             self.sums[(rows, *region[1:])] += weighted
 
     def flush(self, until: int) -> None:
-        """Blend rows [start, until) into the accumulator and keep the rest open."""
+        """Blend rows [start, until) into the accumulator, one row at a time, and move the open
+        rows to the front (row by row: the extra memory is a few (Y, X) planes)."""
         done = until - self.start
         if done <= 0:
             return
-        region = (slice(self.start, until), *(slice(0, side) for side in self.accumulator.shape[1:]))
-        blended = self.sums[:done] / self.work.grid.normaliser(region)
-        np.clip(blended, -LOGIT_LIMIT, LOGIT_LIMIT, out=blended)
-        blended *= self.work.weight
-        self.accumulator[region] += blended
-        kept = self.sums[done:].copy()
-        self.sums[:] = 0
-        self.sums[: len(kept)] = kept
+        in_plane = tuple(slice(0, side) for side in self.accumulator.shape[1:])
+        for row in range(done):
+            z = self.start + row
+            blended = self.sums[row] / self.work.grid.normaliser((slice(z, z + 1), *in_plane))[0]
+            np.clip(blended, -LOGIT_LIMIT, LOGIT_LIMIT, out=blended)
+            blended *= self.work.weight
+            self.accumulator[z] += blended
+        for row in range(self.depth - done):
+            self.sums[row] = self.sums[row + done]
+        self.sums[max(self.depth - done, 0):] = 0
         self.start = until
 
 
@@ -535,18 +733,20 @@ def _forward(models: list[torch.nn.Module], batch: torch.Tensor, feed: _Feed) ->
     return (total / len(feed.views))[:, 0].float().cpu().numpy()
 
 
-def _replicas(ensemble: Ensemble, devices: list[torch.device]) -> list[_Replica]:
+def _replicas(ensemble: Ensemble, devices: list[torch.device], *, compiled: bool = False) -> list[_Replica]:
     """The ensemble's models on each device; copied to the devices after the first.
 
     Models run in channels-last memory format (in place for the first device): convolutions are
     faster that way on the CPU (benchmarks/bench_memory_format.py: 1.46x for a ResNet-18 U-Net)
-    and on tensor-core GPUs.
+    and on tensor-core GPUs. ``compiled`` wraps each replica in ``torch.compile``
+    (``models.compile_model``; the ensemble keeps the plain modules).
     """
     memory_format = _memory_format(ensemble.spatial_dims + 2)
     replicas = []
     for index, device in enumerate(devices):
         models = ensemble.models if index == 0 else [copy.deepcopy(m) for m in ensemble.models]
-        replicas.append(_Replica([m.to(device, memory_format=memory_format).eval() for m in models], device))
+        models = [m.to(device, memory_format=memory_format).eval() for m in models]
+        replicas.append(_Replica([compile_model(m, device) for m in models] if compiled else models, device))
     return replicas
 
 
@@ -600,20 +800,36 @@ def _check_volume(volume: np.ndarray) -> None:
 def _at_model_resolution(source: VolumeSource, voxel_size_um: float | None, model_voxel_um: float | None) -> VolumeSource:
     """``source`` resampled to the models' voxel size when both sizes are known and differ by
     more than ``RESCALE_TOLERANCE`` (in RAM); else ``source`` itself."""
+    shape = _model_shape(source.shape, voxel_size_um, model_voxel_um)
+    if shape == source.shape:
+        return source
+    whole = source.read(tuple(slice(0, side) for side in source.shape))
+    return ArraySource(resample_volume(whole, shape))
+
+
+def _model_shape(shape: tuple[int, int, int], voxel_size_um: float | None, model_voxel_um: float | None) -> tuple[int, int, int]:
+    """The volume's shape at the models' voxel size: ``shape`` itself unless both sizes are known
+    and differ by more than ``RESCALE_TOLERANCE``."""
     factor = voxel_size_um / model_voxel_um if voxel_size_um and model_voxel_um else 1.0
     if not 1 / MAX_RESCALE <= factor <= MAX_RESCALE:
         raise ValueError(f"voxel_size_um={voxel_size_um} is {factor:.3g} times the models' {model_voxel_um} µm: "
                          f"more than the {MAX_RESCALE:g}x rescale allowed; check the voxel size")
-    if abs(factor - 1.0) <= RESCALE_TOLERANCE:
-        return source
-    whole = source.read(tuple(slice(0, side) for side in source.shape))
-    return ArraySource(resample_volume(whole, scaled_shape(source.shape, factor)))
+    return tuple(shape) if abs(factor - 1.0) <= RESCALE_TOLERANCE else scaled_shape(shape, factor)
 
 
 def _check_3d_options(config: InferConfig, ensemble: Ensemble | MixedEnsemble) -> None:
     """ValueError naming the option for a plane-pass option given to 3D models only (in a mixed
-    ensemble such options are the 2D models'), and for tta="d4" with non-square 3D patches."""
+    ensemble such options are the 2D models'), for tta="d4" with non-square 3D patches, and for
+    hull_gate without both 2D and 3D models."""
     groups = [group for group, _ in ensemble.groups()]
+    gate = config.hull_gate
+    if gate is not None and sorted(group.spatial_dims for group in groups) != [2, 3]:
+        ranks = " and ".join(sorted({f"{group.spatial_dims}D" for group in groups}))
+        raise ValueError(f"inference option hull_gate={gate.to_dict()} gates 3D models' mask by 2D models' mask, but "
+                         f"this ensemble has only {ranks} models: give it 2D and 3D checkpoints, or unset hull_gate")
+    if gate is not None and gate.rule == "sum" and (config.hysteresis is not None or config.top_fraction is not None):
+        raise ValueError("hull_gate rule 'sum' adds probabilities and thresholds them: it excludes hysteresis and "
+                         "top_fraction; use rule 'and', or a threshold")
     if all(group.spatial_dims == 3 for group in groups):
         if tuple(config.axes) not in (AXES, ("xy",)) or config.axis_weights is not None:
             raise ValueError(f"inference options axes={list(config.axes)}, axis_weights={config.axis_weights} choose "
@@ -668,6 +884,14 @@ def _devices(device) -> list[torch.device]:
     if isinstance(device, tuple):
         device = list(device)
     return [torch.device(name) for name in usable_devices(device)]
+
+
+def _beside(path: str | os.PathLike | None, tag: str) -> str | None:
+    """A second accumulator file next to ``path`` ("acc.npy" -> "acc.hull.npy"); None for None."""
+    if path is None:
+        return None
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.{tag}{ext or '.npy'}"
 
 
 def _zeros(shape, path) -> np.ndarray:

@@ -28,7 +28,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,7 @@ def predict_submission(
     logits_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
     config: InferConfig | None = None,
+    voxel_size_um: float | None = None,
     **infer_options,
 ) -> dict[str, str]:
     """Predict every volume of ``<data_root>/<split>`` into the submission ``out``.
@@ -98,6 +99,8 @@ def predict_submission(
             when they agree, else InferConfig's defaults. The keyword ``infer_options`` (its
             field names: axes, tta, tile_size, threshold, ...) override it. Each volume's voxel
             size comes from the layout.
+        voxel_size_um: every volume's voxel size in µm, instead of the layout's (the Kaggle
+            names'); for scans the name table does not know.
 
     Returns:
         each volume's status: "predicted", "predicted (... using [axes] only)" when the time
@@ -113,6 +116,8 @@ def predict_submission(
     """
     started = time.monotonic()
     check_submission_options({"on_error": on_error, "time_budget_s": time_budget_s, **infer_options})
+    if voxel_size_um is not None and not (_finite_number(voxel_size_um) and voxel_size_um > 0):
+        raise ValueError(f"voxel_size_um must be a positive number of micrometres, got {voxel_size_um!r}")
     log = log or _log_to_stderr
     config = (config or _carried_config(checkpoints, log)).replace(**infer_options)
     _check_output_file(Path(out))
@@ -124,6 +129,8 @@ def predict_submission(
     sample = Path(data_root) / "sample_submission.csv"
     try:
         volumes = find_volumes(data_root, split)
+        if voxel_size_um is not None:  # the user's voxel size overrides the Kaggle names'
+            volumes = [replace(volume, voxel_size_um=float(voxel_size_um)) for volume in volumes]
     except (FileNotFoundError, ValueError) as error:
         if on_error == "raise" or split != "test" or not sample.is_file():
             raise
@@ -240,15 +247,17 @@ def _out_of_time(elapsed: float, budget: float, voxels: int, done: int) -> bool:
 def _carried_config(checkpoints: Sequence[str | os.PathLike], log: Callable[[str], None]) -> InferConfig:
     """The InferConfig of the inference settings the checkpoints carry (``extra["infer"]``) when
     those that carry any agree; InferConfig() when none does, or (with a note) when they differ.
+    A carried ``hull_gate`` is dropped (with a note) unless the checkpoints are 2D and 3D.
     An unreadable checkpoint is skipped here: loading reports it."""
-    carried = {}
+    carried, ranks = {}, set()
     for path in checkpoints:
         try:
-            settings = read_checkpoint_metadata(path)["extra"].get("infer")
+            metadata = read_checkpoint_metadata(path)
         except (OSError, ValueError, KeyError):
             continue
-        if settings:
-            carried[str(path)] = dict(settings)
+        ranks.add(metadata["config"].spatial_dims)
+        if metadata["extra"].get("infer"):
+            carried[str(path)] = dict(metadata["extra"]["infer"])
     distinct = {json.dumps(settings, sort_keys=True) for settings in carried.values()}
     if len(distinct) > 1:
         log(f"the checkpoints carry different inference settings ({carried}); using the defaults")
@@ -256,6 +265,8 @@ def _carried_config(checkpoints: Sequence[str | os.PathLike], log: Callable[[str
     if not carried:
         return InferConfig()
     settings = next(iter(carried.values()))
+    if settings.get("hull_gate") is not None and ranks != {2, 3}:  # a hull-gated pair's member alone
+        log(f"hull_gate={settings.pop('hull_gate')} needs 2D and 3D checkpoints together; predicting without it")
     log(f"inference settings carried by the checkpoints: {settings}")
     return InferConfig.from_dict(settings)
 
