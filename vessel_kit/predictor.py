@@ -430,14 +430,11 @@ def _run_plane_pass(source: VolumeSource, work: PlanePass, replicas: list[_Repli
     slice_axis = SLICE_AXIS[work.axis]
     planes = range(work.planes) if core is None else range(core[slice_axis].start, core[slice_axis].stop)
     in_plane = tuple(slice(0, side) for side in work.grid.region_shape) if core is None else _in_plane(core, slice_axis)
-    bounds = np.linspace(planes.start, planes.stop, len(replicas) + 1).round().astype(int)
-    shares = [(replica, int(a), int(b)) for replica, a, b in zip(replicas, bounds[:-1], bounds[1:], strict=True) if b > a]
-
     def run(share) -> None:
-        replica, start, stop = share
-        _run_planes(source, work, range(start, stop), in_plane, planes.start, replica, feed, accumulator, tick)
+        replica, mine = share
+        _run_planes(source, work, mine, in_plane, planes.start, replica, feed, accumulator, tick)
 
-    _in_threads(run, shares)
+    _in_threads(run, _shares(planes, replicas))
 
 
 def _run_planes(source: VolumeSource, work: PlanePass, planes: range, in_plane: Region, first_plane: int,
@@ -459,11 +456,8 @@ def _run_planes(source: VolumeSource, work: PlanePass, planes: range, in_plane: 
             entry[0][y - top : y - top + tile_h, x - left : x - left + tile_w] += tile_logits * grid.importance
             entry[1] += 1
             if entry[1] == len(reach.corners):
-                blended = entry[0][blend_box] / normaliser
-                _check_finite(blended, f"{work.axis} plane {plane}")
-                np.clip(blended, -LOGIT_LIMIT, LOGIT_LIMIT, out=blended)
-                blended *= work.weight
-                targets[plane - first_plane] += blended
+                _blend_into(targets[plane - first_plane], entry[0][blend_box], normaliser, work.weight,
+                            check=f"{work.axis} plane {plane}")
                 del pending[plane]
         tick(len(batch_index))
 
@@ -548,8 +542,6 @@ def _run_patch_pass(source: VolumeSource, work: PatchPass, replicas: list[_Repli
     z_starts = list(grid.starts[0])
     for index, z in enumerate(z_starts):
         corners = [(z, *yx) for yx in in_plane]
-        bounds = np.linspace(0, len(corners), len(replicas) + 1).round().astype(int)
-        shares = [(replica, corners[a:b]) for replica, a, b in zip(replicas, bounds[:-1], bounds[1:], strict=True) if b > a]
 
         def run(share) -> None:
             replica, mine = share
@@ -558,7 +550,7 @@ def _run_patch_pass(source: VolumeSource, work: PatchPass, replicas: list[_Repli
                     rows.add(corner, patch_logits)
                 tick(len(batch_index))
 
-        _in_threads(run, shares)
+        _in_threads(run, _shares(corners, replicas))
         rows.flush(until=z_starts[index + 1] if index + 1 < len(z_starts) else accumulator.shape[0])
 
 
@@ -572,8 +564,6 @@ def _run_patch_region(source: VolumeSource, work: PatchPass, replicas: list[_Rep
     reach = grid.reaching(core)
     sums = np.zeros(reach.extent, np.float32)
     lock = threading.Lock()
-    bounds = np.linspace(0, len(reach.corners), len(replicas) + 1).round().astype(int)
-    shares = [(replica, reach.corners[a:b]) for replica, a, b in zip(replicas, bounds[:-1], bounds[1:], strict=True) if b > a]
 
     def run(share) -> None:
         replica, mine = share
@@ -588,11 +578,8 @@ def _run_patch_region(source: VolumeSource, work: PatchPass, replicas: list[_Rep
                     sums[box] += weighted
             tick(len(batch_index))
 
-    _in_threads(run, shares)
-    blended = sums[_shift(core, reach.span)] / grid.normaliser(core)
-    np.clip(blended, -LOGIT_LIMIT, LOGIT_LIMIT, out=blended)
-    blended *= work.weight
-    accumulator += blended
+    _in_threads(run, _shares(reach.corners, replicas))
+    _blend_into(accumulator, sums[_shift(core, reach.span)], grid.normaliser(core), work.weight)
 
 
 class _OpenRows:
@@ -626,10 +613,8 @@ class _OpenRows:
         in_plane = tuple(slice(0, side) for side in self.accumulator.shape[1:])
         for row in range(done):
             z = self.start + row
-            blended = self.sums[row] / self.work.grid.normaliser((slice(z, z + 1), *in_plane))[0]
-            np.clip(blended, -LOGIT_LIMIT, LOGIT_LIMIT, out=blended)
-            blended *= self.work.weight
-            self.accumulator[z] += blended
+            _blend_into(self.accumulator[z], self.sums[row], self.work.grid.normaliser((slice(z, z + 1), *in_plane))[0],
+                        self.work.weight)
         for row in range(self.depth - done):
             self.sums[row] = self.sums[row + done]
         self.sums[max(self.depth - done, 0):] = 0
@@ -662,6 +647,24 @@ def _batched(windows: Iterator[tuple[object, np.ndarray]], size: int) -> Iterato
 
 
 # --- running models ----------------------------------------------------------------------------
+
+
+def _shares(items: Sequence, replicas: list[_Replica]) -> list[tuple[_Replica, Sequence]]:
+    """``items`` (planes, patch corners) cut into one contiguous share per replica (none empty)."""
+    bounds = np.linspace(0, len(items), len(replicas) + 1).round().astype(int)
+    return [(replica, items[a:b]) for replica, a, b in zip(replicas, bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def _blend_into(target: np.ndarray, sums: np.ndarray, normaliser: np.ndarray, weight: float, *,
+                check: str | None = None) -> None:
+    """target += weight x clip(sums / normaliser): summed window logits blended and added into the
+    float16 accumulator, one rounding per voxel. ``check`` names the place for a non-finite error."""
+    blended = sums / normaliser
+    if check is not None:
+        _check_finite(blended, check)
+    np.clip(blended, -LOGIT_LIMIT, LOGIT_LIMIT, out=blended)
+    blended *= weight
+    target += blended
 
 
 def _in_threads(run: Callable, shares: list) -> None:
