@@ -5,7 +5,7 @@ One model for every contender: ``vessel_kit.models.build_model("unet", "resnet18
 encoder_weights=None)`` in eval mode, random weights after ``torch.manual_seed(0)``. One input:
 ``vessel_kit.synth.make_synthetic_volume(shape, seed=0)[0]`` (uint16, (Z, Y, X)), built by the
 parent and saved as .npy. Every contender runs in its own fresh child process (see
-benchmarks/_common.py) with ``torch.set_num_threads(2)`` under ``torch.inference_mode()``.
+benchmarks/_common.py) with ``torch.set_num_threads(2)`` (``--threads``) under ``torch.inference_mode()``.
 
 1. Overhead. ours = ``infer_volume(volume, model, axes=("xy",), tta="none", in_chans=1,
    normalization=Normalization("unit"), tile_size, overlap, batch_size)`` against the pure model
@@ -36,6 +36,15 @@ benchmarks/_common.py) with ``torch.set_num_threads(2)`` under ``torch.inference
    tensor. Same patches (patch 64, overlap 0.5), on --shapes-3d (default 64x128x128 and
    128x128x256), time and peak memory as MONAI / ours, and the masks' Dice. Goals: ours at least
    as fast, and ours' peak <= MONAI's / 2.
+5. Heads and views (--parts heads). What the 1st place's choices cost per voxel: ours
+   (``Predictor(model, InferConfig(axes=("xy",), tta, tile_size, overlap, batch_size),
+   in_chans=3, normalization=Normalization("unit")).logits(volume)``) with a 2.5D model of 3
+   slices in (``build_model("unet", "resnet18", in_chans=3, out_chans=m)``, random weights after
+   ``torch.manual_seed(0)``): 3 in / 1 out against 3 in / 3 out (multi-slice output: each plane
+   blended from the 3 windows predicting it), both tta="none"; and tta="d4" (8 views) against
+   tta="flips" (4 views), both 3 in / 1 out. One child times the four in turn, --repeat rounds
+   (interleaved: a change of load on the machine hits every case alike); seconds per voxel (best
+   round) and the two ratios. No goal: the figures go in the README.
 
 Peak memory is the child's highest RSS during the runs minus its RSS once the imports are done,
 the model is built and the volume is loaded (see benchmarks/README.md). torch's 2 OpenMP threads
@@ -48,6 +57,7 @@ idle CPUs (--wait-idle) and runs a disturbed child again (--retries). --profile 
     python benchmarks/bench_infer.py --parts monai --monai-shapes 128x128x128,128x128x512
     python benchmarks/bench_infer.py --parts memory --mem-shapes 128x128x128,128x128x512,128x128x1024
     python benchmarks/bench_infer.py --parts 3d --shapes-3d 64x128x128,128x128x256 --patch 64
+    python benchmarks/bench_infer.py --parts heads --shape 8x128x128 --tile 64 --repeat 5 --threads 1
 """
 
 from __future__ import annotations
@@ -73,7 +83,13 @@ GOAL_BYTES_PER_INPUT_BYTE = 2.5  # peak / input bytes beyond the fixed cost
 GOAL_MEMORY_VS_MONAI_3D = 2.0  # MONAI's peak / ours', 3D sliding window
 THREADS = 2
 AXES_3 = ("xy", "xz", "yz")
-PARTS = ("overhead", "monai", "memory", "3d")
+PARTS = ("overhead", "monai", "memory", "3d", "heads")
+HEAD_CASES = (  # (name, in_chans, out_chans, tta) of the heads part
+    ("3 in / 1 out, tta none", 3, 1, "none"),
+    ("3 in / 3 out, tta none", 3, 3, "none"),
+    ("3 in / 1 out, tta flips", 3, 1, "flips"),
+    ("3 in / 1 out, tta d4", 3, 1, "d4"),
+)
 MODEL_3D = {"filters": [8, 16, 32, 64], "strides": [1, 2, 2, 2]}  # a small DynUNet (stride 8)
 
 
@@ -117,13 +133,13 @@ def build_volume(shape, seed: int, workdir: Path) -> dict:
 # --- children -------------------------------------------------------------------------------
 
 
-def _model():
+def _model(in_chans: int = 1, out_chans: int = 1):
     import torch
 
     from vessel_kit.models import build_model
 
     torch.manual_seed(0)
-    return build_model("unet", "resnet18", in_chans=1, encoder_weights=None).eval()
+    return build_model("unet", "resnet18", in_chans=in_chans, out_chans=out_chans, encoder_weights=None).eval()
 
 
 def _model_3d(args):
@@ -229,12 +245,38 @@ def _forward_loop(args, model, shape):
     return run, {"n_tiles": n_tiles, "n_batches": full + (1 if rest else 0)}
 
 
+def _time_heads(args, volume) -> dict:
+    """Each of HEAD_CASES predicting ``volume`` in turn, ``--repeat`` rounds: seconds per case."""
+    import torch
+
+    from vessel_kit.infer_config import InferConfig
+    from vessel_kit.normalize import Normalization
+    from vessel_kit.predictor import Predictor
+
+    runs = {}
+    for name, in_chans, out_chans, tta in HEAD_CASES:
+        config = InferConfig(axes=("xy",), tta=tta, tile_size=args.tile, overlap=args.overlap, batch_size=args.batch,
+                             device="cpu", progress=False)
+        runs[name] = Predictor(_model(in_chans, out_chans), config, in_chans=in_chans, normalization=Normalization("unit"))
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for _ in range(args.repeat):
+            for name, predictor in runs.items():
+                start = time.perf_counter()
+                predictor.logits(volume)
+                times[name].append(time.perf_counter() - start)
+    return {name: {"best_s": min(t), "median_s": float(np.median(t)), "times_s": t} for name, t in times.items()}
+
+
 def child_main(args) -> None:
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     shape = _common.parse_shape(args.shape, 3)
     workdir = Path(args.workdir)
+    if args.child == "heads":
+        _common.write_child_result(args.child_out, {"cases": _time_heads(args, np.load(volume_path(workdir, shape)))})
+        return
     model = _model_3d(args) if args.child in ("ours3d", "monai3d") else _model()
     extra = {}
     if args.child == "ours3d":
@@ -315,7 +357,8 @@ def _profile(fn, lines: int) -> dict:
 def _run(name: str, child: str, shape, args, workdir: Path, *, axes=("xy",), tta="none", repeat=None,
          extra=(), retries=None) -> dict:
     print(f"running {name} ...", flush=True)
-    child_args = ["--child", child, "--shape", shape_text(shape), "--workdir", str(workdir), "--axes", ",".join(axes),
+    child_args = ["--child", child, "--threads", str(args.threads), "--shape", shape_text(shape), "--workdir", str(workdir),
+                  "--axes", ",".join(axes),
                   "--tta", tta, "--tile", str(args.tile), "--overlap", str(args.overlap), "--batch", str(args.batch),
                   "--repeat", str(repeat or args.repeat), *extra]
     result, attempts = None, []
@@ -408,6 +451,8 @@ def main(argv=None) -> int:
                         help="run a child again (up to this many times) when other processes used the CPUs "
                              "during it; the least disturbed run is kept (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="synth seed (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="torch threads per child (default %(default)s; 1 suffers less from a busy machine)")
     parser.add_argument("--shapes-3d", default="64x128x128,128x128x256",
                         help="volume sizes for the 3D part, comma-separated (default %(default)s)")
     parser.add_argument("--patch", type=int, default=64, help="3D patch side (default %(default)s)")
@@ -453,7 +498,7 @@ def main(argv=None) -> int:
     print("sources (sha256): " + ", ".join(f"{m} {d}" for m, d in sources.items()))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"model: unet/resnet18, in_chans 1, random weights (seed 0); tile {args.tile}, overlap {args.overlap}, "
-          f"batch {args.batch}, {THREADS} torch threads")
+          f"batch {args.batch}, {args.threads} torch threads")
     if "3d" in parts:
         print(f"3D model: dynunet {MODEL_3D}, random weights (seed 0); patch {args.patch}, overlap {args.overlap}, "
               f"batch {args.batch_3d}")
@@ -462,7 +507,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         workdir = Path(tmp)
         inputs = {}
-        for s in (([shape] if "overhead" in parts else []) + (monai_shapes if "monai" in parts else [])
+        for s in (([shape] if "overhead" in parts or "heads" in parts else []) + (monai_shapes if "monai" in parts else [])
                   + (mem_shapes if "memory" in parts else []) + (shapes_3d if "3d" in parts else [])):
             if shape_text(s) not in inputs:
                 inputs[shape_text(s)] = build_volume(s, args.seed, workdir)
@@ -557,18 +602,36 @@ def main(argv=None) -> int:
                     "masks": mask_agreement(np.load(workdir / f"o3_{tag}.npy"), np.load(workdir / f"m3_{tag}.npy")),
                 }
 
+        if "heads" in parts:
+            print(f"running heads: {', '.join(name for name, *_ in HEAD_CASES)}, {args.repeat} rounds ...", flush=True)
+            waited = wait_for_idle(args.wait_idle)
+            child = _common.run_child(__file__, ["--child", "heads", "--threads", str(args.threads),
+                                                 "--shape", shape_text(shape), "--workdir", str(workdir),
+                                                 "--tile", str(args.tile), "--overlap", str(args.overlap),
+                                                 "--batch", str(args.batch), "--repeat", str(args.repeat)])
+            voxels = math.prod(shape)
+            cases = {name: {**case, "us_per_voxel": 1e6 * case["best_s"] / voxels} for name, case in child["cases"].items()}
+            per_voxel = {name: case["us_per_voxel"] for name, case in cases.items()}
+            report["heads"] = {
+                "shape": list(shape), "voxels": voxels, "cases": cases, "waited_for_idle_s": waited,
+                "child_wall_s": child.get("child_wall_s"), "other_cpu_s": child.get("other_cpu_s"),
+                "3_out_vs_1_out": per_voxel["3 in / 3 out, tta none"] / per_voxel["3 in / 1 out, tta none"],
+                "d4_vs_flips": per_voxel["3 in / 1 out, tta d4"] / per_voxel["3 in / 1 out, tta flips"],
+            }
+
     # --- console report -------------------------------------------------------------------
     print()
-    _common.print_table(
-        ["contender", "shape", "axes", "tta", "best s", "median s", "runs", "peak MiB", "peak/input",
-         "numpy peak MiB", "numpy peak/input"],
-        [[name, shape_text(r["shape"]), ",".join(r["axes"]) if r["contender"] != "forward" else "-",
-          r["tta"] if r["contender"] != "forward" else "-", r["best_s"], r["median_s"], len(r["times_s"]),
-          r["peak_above_baseline_mib"], r["peak_above_baseline_mib"] * _common.MiB / r["volume_bytes"],
-          r.get("numpy_peak_mib", "-"),
-          r["numpy_peak_mib"] * _common.MiB / r["volume_bytes"] if "numpy_peak_mib" in r else "-"]
-         for name, r in results.items()],
-    )
+    if results:
+        _common.print_table(
+            ["contender", "shape", "axes", "tta", "best s", "median s", "runs", "peak MiB", "peak/input",
+             "numpy peak MiB", "numpy peak/input"],
+            [[name, shape_text(r["shape"]), ",".join(r["axes"]) if r["contender"] != "forward" else "-",
+              r["tta"] if r["contender"] != "forward" else "-", r["best_s"], r["median_s"], len(r["times_s"]),
+              r["peak_above_baseline_mib"], r["peak_above_baseline_mib"] * _common.MiB / r["volume_bytes"],
+              r.get("numpy_peak_mib", "-"),
+              r["numpy_peak_mib"] * _common.MiB / r["volume_bytes"] if "numpy_peak_mib" in r else "-"]
+             for name, r in results.items()],
+        )
     goals = {}
     if "overhead" in report:
         o = report["overhead"]
@@ -597,6 +660,15 @@ def main(argv=None) -> int:
               f"{m['monai_peak_mib']:.1f} MiB -> MONAI/ours {m['memory_ratio']:.2f}x; masks Dice {m['masks']['dice']:.5f}")
         goals[f"3D ours at least as fast as MONAI ({tag})"] = m["speedup"] >= 1.0
         goals[f"3D MONAI peak / ours >= {GOAL_MEMORY_VS_MONAI_3D:g} ({tag})"] = m["memory_ratio"] >= GOAL_MEMORY_VS_MONAI_3D
+    if "heads" in report:
+        h = report["heads"]
+        for name, case in h["cases"].items():
+            print(f"heads, {name}: best {case['best_s']:.2f} s (median {case['median_s']:.2f} s) for {h['voxels']} "
+                  f"voxels = {case['us_per_voxel']:.2f} µs/voxel")
+        other = "" if h["other_cpu_s"] is None else (f" (other processes used {h['other_cpu_s']:.1f} CPU s during the "
+                                                    f"child's {h['child_wall_s']:.1f} s)")
+        print(f"heads: 3 out / 1 out = {h['3_out_vs_1_out']:.3f}x per voxel; d4 / flips = {h['d4_vs_flips']:.3f}x per voxel"
+              + other)
     for name, fit in report.get("monai_memory_fit", {}).items():
         print(f"MONAI comparison, peak of {name} (3 axes, tta none) = {fit['a_fixed_mib']:.1f} MiB + "
               f"{fit['b_bytes_per_input_byte']:.2f} x input bytes (max residual {fit['max_residual_mib']:.1f} MiB)")
@@ -624,7 +696,7 @@ def main(argv=None) -> int:
     _common.write_json(args.json, {
         "benchmark": "infer", "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d"), "machine": machine, "versions": versions, "sources": sources,
-        "settings": {"tile": args.tile, "overlap": args.overlap, "batch": args.batch, "threads": THREADS,
+        "settings": {"tile": args.tile, "overlap": args.overlap, "batch": args.batch, "threads": args.threads,
                      "patch_3d": args.patch, "batch_3d": args.batch_3d, "model_3d": MODEL_3D,
                      "repeat": args.repeat, "mem_repeat": args.mem_repeat, "seed": args.seed,
                      "wait_idle_s": args.wait_idle, "retries": args.retries},

@@ -90,6 +90,7 @@ def test_1st_place_smoke_trains_and_predicts_with_its_8_views_and_reversed_slice
     assert [part["name"] for part in config.loss] == ["focal", "dice", "boundary", "surface_dice"]
     model, model_config = load_checkpoint(result.best_checkpoint)
     assert model_config.voxel_size_um == pytest.approx(50.0 / 1.5)  # inference resamples 50 µm volumes 1.5x
+    assert (model_config.in_chans, model_config.out_chans) == (3, 3)  # 3 slices in, 3 out
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.decoder.modules())
     assert any(isinstance(m, torch.nn.GELU) for m in model.decoder.modules())
     carried = read_checkpoint_metadata(result.best_checkpoint)["extra"]["infer"]

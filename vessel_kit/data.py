@@ -6,10 +6,12 @@ a centre voxel, ``crop_size`` pixels square in the other two axes, channels firs
 is read from the volume, so volumes can be ``np.memmap``s far larger than memory
 (``cache_volume`` writes them once from the TIFF slices).
 
-Targets are the centre slice's labels as float32 in [0, 1]: bool labels, uint8 soft labels
-(0..255) and float16/float32 probabilities (pseudo-labels) are all accepted. ``valid`` is 1 where
-a pixel counts for the loss: 0 in padding, in areas rotated in by augmentation, and where a
-volume's optional ignore mask says so.
+Targets are the labels of the ``out_chans`` slices centred on the crop's centre slice (1: the
+centre slice alone; 3: the 1st place's "3 out") as float32 in [0, 1]: bool labels, uint8 soft
+labels (0..255) and float16/float32 probabilities (pseudo-labels) are all accepted. ``valid`` is
+1 where a pixel of a target slice counts for the loss: 0 in padding, in areas rotated in by
+augmentation, on target slices beyond the volume's ends, and where a volume's optional ignore
+mask says so.
 
 Robustness options of ``CropConfig`` (all off by default) change how a crop is sampled: tilted
 planes (``rotate_p``), real 3D zoom (``zoom_p``), low-resolution emulation (``lowres_p``) and a
@@ -115,7 +117,9 @@ class CropConfig:
 
     ``axes`` maps axis names to sampling weights (e.g. ``{"xy": 1.0}`` for 2D-xy only);
     ``foreground_fraction`` of the crops are centred near a labelled vessel voxel, the rest
-    anywhere; ``in_chans`` must be odd (1 = 2D, 3/5 = 2.5D).
+    anywhere; ``in_chans`` must be odd (1 = 2D, 3/5 = 2.5D); ``out_chans`` (odd, <= ``in_chans``)
+    is how many target slices, centred on the middle input slice, a crop carries (the model's
+    output planes).
 
     Robustness (each a per-crop probability, 0 = off):
         rotate_p: sample the crop on a plane tilted from the drawn axis plane by a rotation about a
@@ -150,6 +154,7 @@ class CropConfig:
 
     crop_size: int = 256
     in_chans: int = 1
+    out_chans: int = 1
     axes: Mapping[str, float] = field(default_factory=lambda: {"xy": 1.0, "xz": 1.0, "yz": 1.0})
     foreground_fraction: float = 0.5
     crops_per_epoch: int = 1000
@@ -170,6 +175,9 @@ class CropConfig:
             raise ValueError(f"crop_size must be a positive multiple of 32, got {self.crop_size}")
         if self.in_chans < 1 or self.in_chans % 2 == 0:
             raise ValueError(f"in_chans must be odd (1, 3, 5, ...), got {self.in_chans}")
+        if self.out_chans < 1 or self.out_chans % 2 == 0 or self.out_chans > self.in_chans:
+            raise ValueError(f"out_chans must be odd and at most in_chans={self.in_chans} (the target slices centred "
+                             f"on the middle input slice), got {self.out_chans}")
         unknown = set(self.axes) - set(AXES)
         if unknown or not self.axes or min(self.axes.values()) < 0 or sum(self.axes.values()) <= 0:
             raise ValueError(f"axes must map some of {AXES} to non-negative weights, got {dict(self.axes)}")
@@ -284,8 +292,8 @@ class SampledVolumes(Dataset):
 class CropDataset(SampledVolumes):
     """Random 2.5D crops from several volumes; item ``i`` of epoch ``e`` is deterministic.
 
-    Items are dicts of float32 tensors: ``image`` (C, S, S), ``target`` (1, S, S) and ``valid``
-    (1, S, S). Call ``set_epoch`` before each epoch for fresh crops.
+    Items are dicts of float32 tensors: ``image`` (C, S, S), ``target`` (M, S, S) and ``valid``
+    (M, S, S), M = ``out_chans``. Call ``set_epoch`` before each epoch for fresh crops.
 
     Example::
 
@@ -323,12 +331,12 @@ class CropDataset(SampledVolumes):
             image, target, valid = cutmix((image, target, valid), partner, rng)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))[None],
-            "valid": torch.from_numpy(np.ascontiguousarray(valid, dtype=np.float32))[None],
+            "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)),
+            "valid": torch.from_numpy(np.ascontiguousarray(valid, dtype=np.float32)),
         }
 
     def _sample(self, rng: np.random.Generator, item_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(image (C, S, S), target (S, S), valid (S, S)) of one augmented crop drawn from ``rng``."""
+        """(image (C, S, S), target (M, S, S), valid (M, S, S)) of one augmented crop drawn from ``rng``."""
         volume_index = self.draw_volume(rng)
         axis = self._axes[rng.choice(len(self._axes), p=self._axis_p)]
         centre = self._centre(rng, volume_index, SLICE_AXIS[axis])
@@ -343,10 +351,12 @@ class CropDataset(SampledVolumes):
         image[:, ~inside] = 0.0
         if self.augment is not None:
             if self.config.in_chans > 1 and rng.random() < 0.5:
-                image = image[::-1]  # slice-order reversal: the neighbours' order carries no meaning
+                # slice-order reversal: the neighbours' order carries no meaning; target slices follow
+                image, target, valid = image[::-1], target[::-1], valid[::-1]
             seed_pipeline(self.augment, int(item_seed % 2**31))
-            out = self.augment(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=target, valid=valid)
-            image, target, valid = out["image"].transpose(2, 0, 1), out["mask"], out["valid"]
+            out = self.augment(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=_channels_last(target),
+                               valid=_channels_last(valid))
+            image, target, valid = out["image"].transpose(2, 0, 1), _channels_first(out["mask"]), _channels_first(out["valid"])
         return image, target, valid
 
     def _centre(self, rng: np.random.Generator, volume_index: int, slice_axis: int) -> tuple[int, int, int]:
@@ -376,29 +386,46 @@ class CropDataset(SampledVolumes):
     def _crop(
         self, volume_index: int, axis: str, centre: tuple[int, int, int], geometry: tuple[np.ndarray, float] | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(normalised image, target, valid, inside) of one crop, image and masks cut alike."""
+        """(normalised image (C, S, S), target (M, S, S), valid (M, S, S), inside (S, S)) of one
+        crop, image and masks cut alike; ``inside``: the centre slice's pixels inside the volume."""
         volume = self.volumes[volume_index]
+        out_chans = self.config.out_chans
         cut = self._cutter(axis, centre, geometry)
         image, _ = cut(volume.images, self.config.in_chans, image=True)
-        target, inside = cut(volume.target, 1)
+        target, inside = cut(volume.target, out_chans)
         valid = inside.astype(np.float32)
         if volume.valid is not None:
-            valid[cut(volume.valid, 1, order=0)[0][0] == 0] = 0.0
+            valid[cut(volume.valid, out_chans, order=0)[0] == 0] = 0.0
         image = self.normalization.apply(image, self.windows[volume_index])
-        return image, as_probability(target[0], volume.target.dtype), valid, inside
+        return image, as_probability(target, volume.target.dtype), valid, inside[out_chans // 2]
 
     def _cutter(
         self, axis: str, centre: tuple[int, int, int], geometry: tuple[np.ndarray, float] | None
     ) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
-        """``cut(array, chans, image=False, order=1) -> (crop, inside)``: an axis crop when
-        ``geometry`` is None, else one sampled on its tilted/zoomed plane (coarsened for the image only)."""
+        """``cut(array, chans, image=False, order=1) -> (crop (chans, S, S), inside)``: an axis crop
+        when ``geometry`` is None, else one sampled on its tilted/zoomed plane (coarsened for the
+        image only). For labels (``image`` False), ``inside`` is (chans, S, S): each slice's pixels
+        that lie inside the volume (a slice beyond its ends has none)."""
         size = self.config.crop_size
+        slice_axis = SLICE_AXIS[axis]
         if geometry is None:
-            return lambda array, chans, image=False, order=1: extract_crop(array, axis, centre, size, chans)
+            def cut_axis(array: np.ndarray, chans: int, image: bool = False, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                crop, inside = extract_crop(array, axis, centre, size, chans)
+                if image:
+                    return crop, inside
+                slices = centre[slice_axis] + np.arange(chans) - chans // 2
+                return crop, inside & ((slices >= 0) & (slices < array.shape[slice_axis]))[:, None, None]
+
+            return cut_axis
         frame, coarsen = geometry
 
         def cut(array: np.ndarray, chans: int, image: bool = False, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
-            return sample_crop(array, centre, frame, size, chans, coarsen=coarsen if image else 1.0, order=order)
+            if image:
+                return sample_crop(array, centre, frame, size, chans, coarsen=coarsen, order=order)
+            # one slice at a time, each through its own centre along the normal, to know what of it is inside
+            slices = [sample_crop(array, np.add(centre, offset * frame[:, 0]), frame, size, 1, order=order)
+                      for offset in range(-(chans // 2), chans // 2 + 1)]
+            return np.concatenate([crop for crop, _ in slices]), np.stack([inside for _, inside in slices])
 
         return cut
 
@@ -436,6 +463,16 @@ def extract_crop(
     inside = np.zeros((size, size), dtype=bool)
     inside[: extents[0], : extents[1]] = True
     return out, inside
+
+
+def _channels_last(planes: np.ndarray) -> np.ndarray:
+    """(M, S, S) target planes as albumentations masks: (S, S) for one plane, else (S, S, M)."""
+    return planes[0] if len(planes) == 1 else np.ascontiguousarray(planes.transpose(1, 2, 0))
+
+
+def _channels_first(mask: np.ndarray) -> np.ndarray:
+    """An albumentations mask back as (M, S, S) planes (the inverse of ``_channels_last``)."""
+    return mask[None] if mask.ndim == 2 else mask.transpose(2, 0, 1)
 
 
 def _centre_inside(

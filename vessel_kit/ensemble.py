@@ -1,5 +1,6 @@
 """Ensembles: the models ``Predictor`` averages, loaded from modules or checkpoints, and what
 they agree they must be fed (in_chans, normalisation, tile size, voxel size, spatial dims) and
+give (out_chans: the planes a 2.5D model predicts), and
 their calibrated threshold.
 
 Members of one rank form an ``Ensemble``. 2D and 3D members together form a ``MixedEnsemble``:
@@ -26,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from .models import load_checkpoint, model_stride, read_checkpoint_metadata
+from .models import load_checkpoint, model_stride, module_out_chans, read_checkpoint_metadata
 from .normalize import Normalization
 
 ModelSource = torch.nn.Module | str | os.PathLike
@@ -55,6 +56,7 @@ class Ensemble:
     voxel_size_um: float | None
     threshold: float | None = None
     spatial_dims: int = 2
+    out_chans: int = 1
 
     @property
     def stride(self) -> int:
@@ -115,6 +117,7 @@ class _Member(NamedTuple):
     voxel_size_um: float | None
     threshold: float | None
     spatial_dims: int
+    out_chans: int
 
 
 def load_ensemble(
@@ -126,9 +129,9 @@ def load_ensemble(
     device: str | torch.device = "cpu",
 ) -> Ensemble | MixedEnsemble:
     """Models from modules and/or checkpoint paths; checkpoints bring their in_chans,
-    normalisation, tile size, training voxel size, spatial dims and calibrated threshold (a
-    module's spatial dims: 3 if it has 3D convolutions). Members of one rank must agree on what
-    they are fed; all must agree on the training voxel size (the volume is resampled once).
+    normalisation, tile size, training voxel size, spatial dims, out_chans and calibrated threshold
+    (a module's spatial dims: 3 if it has 3D convolutions; its out_chans: ``module_out_chans``).
+    Members of one rank must agree on what they are fed and on out_chans; all must agree on the training voxel size (the volume is resampled once).
     3D members read one channel: a given ``in_chans`` is the 2D modules' (and must be 1 when
     every member is 3D); a given ``normalization`` is every module's.
 
@@ -149,7 +152,8 @@ def load_ensemble(
             loaded.append(item.to(device).eval())
             dims = module_spatial_dims(item)
             chans = 1 if dims == 3 else in_chans
-            members.append(_Member(type(item).__name__, chans, normalization, None, None, None, dims))
+            members.append(_Member(type(item).__name__, chans, normalization, None, None, None, dims,
+                                   module_out_chans(item)))
         else:
             model, config = load_checkpoint(item, device=device)
             threshold = read_checkpoint_metadata(item)["threshold"]
@@ -159,7 +163,7 @@ def load_ensemble(
                 threshold = DEFAULT_THRESHOLD
             loaded.append(model)
             members.append(_Member(str(item), config.in_chans, config.normalization, config.tile_size,
-                                   config.voxel_size_um, threshold, getattr(config, "spatial_dims", 2)))
+                                   config.voxel_size_um, threshold, config.spatial_dims, config.out_chans))
     ranks = sorted({m.spatial_dims for m in members})
     if ranks == [3] and in_chans not in (None, 1):
         raise ValueError(f"in_chans={in_chans} was given, but 3D models read one channel: give in_chans=1 or none")
@@ -176,11 +180,12 @@ def load_ensemble(
         norm = _agree("normalization", [(m.normalization, m.source) for m in group], normalization)
         if chans is None or norm is None:
             raise ValueError("in_chans and normalization are needed for models given as modules (checkpoints carry them)")
+        out_chans = _agree("out_chans", [(m.out_chans, m.source) for m in group], None)
         tiles = {m.tile_size for m in group} - {None}
         tile = min(tiles, key=lambda t: t if isinstance(t, int) else min(t)) if tiles else None
         group_threshold = _weighted_threshold([(weights[i], members[i].threshold) for i in picked])
         groups.append(Ensemble([loaded[i] for i in picked], [weights[i] / share for i in picked], chans, norm, tile,
-                               voxels, group_threshold, rank))
+                               voxels, group_threshold, rank, out_chans))
         shares.append(share)
     if len(groups) == 1:
         return groups[0]

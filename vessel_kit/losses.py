@@ -6,7 +6,10 @@ scalar tensor:
 
     logits  (B, 1, H, W) raw model outputs of 2D models, (B, 1, D, H, W) of 3D ones, any float
             dtype (fp16/bf16 under autocast is fine: inputs are cast to float32 inside, so sums
-            and exps never run in half precision).
+            and exps never run in half precision). A multi-slice model's (B, m, H, W) work too:
+            each channel is one plane's 2D map (boundaries and surfaces are found per plane),
+            and the sums run over all planes (Dice, surface Dice and Boundary DoU score them
+            together; per-pixel losses average them).
     target  same shape, float in [0, 1]: hard 0/1 labels or soft pseudo-labels.
     valid   optional, broadcastable to logits' shape, float in [0, 1]: per-pixel weight of the
             pixel in the loss; 0 = ignore (e.g. unlabelled parts of a sparsely annotated volume).
@@ -228,7 +231,7 @@ class BoundaryDoULoss(nn.Module):
     blobs α up to 0.8 (the boundary weighs more). Sums run over the whole batch and are weighted
     by ``valid``. Unlike the reference code, ``smooth`` is only in the denominator, so a perfect
     prediction scores 0 and an all-invalid batch 0; α uses the reference's 1e-5.
-    Works on (B, 1, H, W) and (B, 1, D, H, W).
+    Works on (B, C, H, W) (C planes, each on its own) and (B, 1, D, H, W).
 
     Example::
 

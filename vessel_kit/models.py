@@ -1,9 +1,13 @@
 """Segmentation models: the architecture registry, building, input-size rule and checkpoints.
 
 A model is any ``torch.nn.Module`` mapping (B, C, H, W) float input to (B, 1, H, W) logits (2D),
-or (B, 1, D, H, W) patches to (B, 1, D, H, W) logits (3D). It is built from a ``ModelConfig`` by
+or (B, 1, D, H, W) patches to (B, 1, D, H, W) logits (3D). A 2.5D model with ``out_chans`` m > 1
+(multi-slice output, the 1st place's "3 slices in, 3 out") maps its ``in_chans`` planes to
+(B, m, H, W) logits: the m planes centred on the middle input plane; the built model carries
+``out_chans`` as an attribute (``module_out_chans``), so inference knows it from the module too.
+It is built from a ``ModelConfig`` by
 the builder registered under its ``arch`` (``register_architecture``); the built-in 2D ones are
-segmentation_models_pytorch (smp) networks with one output class and no activation, which check
+segmentation_models_pytorch (smp) networks with ``out_chans`` output classes and no activation, which check
 their own options (smp encoder names, 2D only); the built-in 3D ones, ``dynunet`` and
 ``resunet``, are MONAI networks (``models_3d.py``, the ``vessel_kit[3d]`` extra). Everything works
 offline: pretrained encoder weights are never downloaded, only read from a local file.
@@ -84,6 +88,7 @@ __all__ = [
     "list_encoders",
     "load_checkpoint",
     "model_stride",
+    "module_out_chans",
     "read_checkpoint_metadata",
     "register_architecture",
     "save_checkpoint",
@@ -99,7 +104,8 @@ __all__ = [
 class Architecture:
     """A registered architecture: ``build(config)`` returns the module for a ``ModelConfig``;
     ``check(config)``, if given, raises ValueError for options this architecture cannot take, so a
-    bad config fails when it is made, before any weights exist.
+    bad config fails when it is made, before any weights exist. ``multi_slice``: the builder honours
+    ``config.out_chans`` (m output planes); architectures without it refuse ``out_chans`` != 1.
 
     Example::
 
@@ -109,6 +115,7 @@ class Architecture:
 
     build: Callable[[ModelConfig], nn.Module]
     check: Callable[[ModelConfig], None] | None = None
+    multi_slice: bool = False
 
 
 # Lower-case name -> architecture; add entries with ``register_architecture``.
@@ -121,13 +128,15 @@ def register_architecture(
     *,
     check: Callable[[ModelConfig], None] | None = None,
     replace: bool = False,
+    multi_slice: bool = False,
 ) -> None:
     """Make ``name`` (any case) a valid ``ModelConfig.arch``, built by ``build(config)``.
 
     ``build`` gets the whole ``ModelConfig`` (``in_chans``, ``spatial_dims``, ``encoder``,
     ``model_kwargs``, ...) and returns a module mapping (B, in_chans, *spatial) input to
-    (B, 1, *spatial) logits; a module with an ``encoder`` attribute can take ``encoder_weights``.
-    ``check`` validates a config early (see ``Architecture``). A checkpoint of a registered
+    (B, 1, *spatial) logits (``multi_slice=True``: (B, config.out_chans, H, W), the output planes
+    centred on the middle input plane); a module with an ``encoder`` attribute can take
+    ``encoder_weights``. ``check`` validates a config early (see ``Architecture``). A checkpoint of a registered
     architecture loads in any process that registered it too. Re-registering a name needs
     ``replace=True``.
     """
@@ -137,7 +146,7 @@ def register_architecture(
         raise ValueError(f"architecture {name!r}: build and check must be callables")
     if name.lower() in ARCHITECTURES and not replace:
         raise ValueError(f"architecture {name!r} is registered already; pass replace=True to replace it")
-    ARCHITECTURES[name.lower()] = Architecture(build, check)
+    ARCHITECTURES[name.lower()] = Architecture(build, check, multi_slice)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,9 +159,11 @@ def build_model(
     in_chans: int = 1,
     encoder_weights: str | os.PathLike | None = None,
     spatial_dims: int = 2,
+    out_chans: int = 1,
     **kwargs: Any,
 ) -> nn.Module:
-    """A model of a registered architecture with one output channel of logits: 2D, or 3D with
+    """A model of a registered architecture with ``out_chans`` output channels of logits (1, or
+    the odd number of planes a multi-slice 2.5D model predicts): 2D, or 3D with
     ``spatial_dims=3`` (``build_model("dynunet", in_chans=1, spatial_dims=3)``).
 
     ``arch`` is a key of ``ARCHITECTURES`` (any case). For the smp ones, ``encoder`` is an smp
@@ -165,13 +176,20 @@ def build_model(
     (batch, group, instance, layer) and ``decoder_activation`` (relu, gelu, silu), which swap the
     decoder blocks' layers (``decoder_layers.py``; the 1st place's decoder: group + gelu).
     """
-    config = ModelConfig(arch=arch, encoder=encoder, in_chans=in_chans, model_kwargs=kwargs, spatial_dims=spatial_dims)
+    config = ModelConfig(arch=arch, encoder=encoder, in_chans=in_chans, model_kwargs=kwargs, spatial_dims=spatial_dims,
+                         out_chans=out_chans)
     return _build(config, encoder_weights)
 
 
 def list_encoders() -> list[str]:
     """Every valid encoder name: smp's own encoders and every timm model prefixed ``tu-``."""
     return sorted(smp.encoders.get_encoder_names()) + [f"tu-{name}" for name in timm.list_models()]
+
+
+def module_out_chans(model: nn.Module) -> int:
+    """The output planes a module predicts: its ``out_chans`` attribute (models built here carry
+    it; a hand-made multi-slice module declares it), else 1."""
+    return int(getattr(unwrap_model(model), "out_chans", 1))
 
 
 def model_stride(model: nn.Module) -> int:
@@ -205,7 +223,10 @@ class ModelConfig:
 
     ``arch`` names a registered architecture (``register_architecture``), which checks the rest
     (the smp ones check ``encoder`` and ``model_kwargs``). ``in_chans`` is odd: the centre plane and
-    its neighbours on both sides (1 for 3D). ``spatial_dims`` is 2 (planes, the smp models) or 3
+    its neighbours on both sides (1 for 3D). ``out_chans`` (odd, <= ``in_chans``) is how many planes
+    the model predicts, centred on the middle input plane: 1 (the middle one), or e.g. 3 for the
+    1st place's "3 in, 3 out" (2D architectures registered ``multi_slice`` only; inference blends
+    each output plane back at its own plane). ``spatial_dims`` is 2 (planes, the smp models) or 3
     (patches, the MONAI models; ``encoder`` is unused by them).
     ``voxel_size_um`` is the training data's voxel size (None if unknown or mixed), so inference
     can rescale other scans; ``tile_size`` is the training tile side, or one side per spatial
@@ -215,6 +236,7 @@ class ModelConfig:
     Example::
 
         config = ModelConfig(arch="unet", encoder="resnet18", in_chans=3, tile_size=256)
+        three_out = ModelConfig(arch="unet", encoder="resnet18", in_chans=3, out_chans=3, tile_size=256)
         patches = ModelConfig(arch="dynunet", spatial_dims=3, tile_size=(32, 128, 128))
         model = build_model_from_config(config)
     """
@@ -227,12 +249,14 @@ class ModelConfig:
     tile_size: int | tuple[int, ...] = 512
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     spatial_dims: int = 2
+    out_chans: int = 1
 
     def __post_init__(self) -> None:
         architecture = _architecture(self.arch)
         _check_in_chans(self.in_chans)
         if isinstance(self.spatial_dims, bool) or self.spatial_dims not in SPATIAL_DIMS:
             raise ValueError(f"spatial_dims must be one of {SPATIAL_DIMS}, got {self.spatial_dims!r}")
+        _check_out_chans(self.out_chans, self.in_chans, self.spatial_dims, self.arch, architecture.multi_slice)
         if not isinstance(self.normalization, Normalization):
             raise ValueError(f"normalization must be a Normalization, got {type(self.normalization).__name__}")
         if self.voxel_size_um is not None:
@@ -256,7 +280,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
-        """The config ``to_dict`` gave (older checkpoints, without ``spatial_dims``, are 2D)."""
+        """The config ``to_dict`` gave (older checkpoints, without ``spatial_dims``, are 2D;
+        without ``out_chans``, 1-out)."""
         valid = {f.name for f in fields(cls)}
         unknown = set(values) - valid
         if unknown:
@@ -323,6 +348,12 @@ def _build(config: ModelConfig, encoder_weights: str | os.PathLike | None) -> nn
     model = ARCHITECTURES[config.arch.lower()].build(config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"the builder of architecture {config.arch!r} returned a {type(model).__name__}, not a module")
+    declared = getattr(model, "out_chans", None)
+    if declared is None:
+        model.out_chans = config.out_chans  # read back by module_out_chans (inference of modules)
+    elif declared != config.out_chans:
+        raise ValueError(f"the builder of architecture {config.arch!r} made a module with out_chans={declared!r}, but "
+                         f"the config says out_chans={config.out_chans}: build config.out_chans output planes")
     if weights_path is not None:
         encoder = getattr(model, "encoder", None)
         if not isinstance(encoder, nn.Module):
@@ -332,13 +363,13 @@ def _build(config: ModelConfig, encoder_weights: str | os.PathLike | None) -> nn
 
 
 def _build_smp(config: ModelConfig) -> nn.Module:
-    """An smp model: ``SMP_ARCHITECTURES[arch]`` with one logit channel and no activation, its
+    """An smp model: ``SMP_ARCHITECTURES[arch]`` with ``out_chans`` logit channels and no activation, its
     decoder's norm and activation swapped as ``decoder_norm``/``decoder_activation`` say
     (``decoder_layers.py``)."""
     kwargs = dict(config.model_kwargs)
     variant = {name: kwargs.pop(name, None) for name in DECODER_OPTIONS}
     model = SMP_ARCHITECTURES[config.arch.lower()](
-        encoder_name=config.encoder, encoder_weights=None, in_channels=config.in_chans, classes=1,
+        encoder_name=config.encoder, encoder_weights=None, in_channels=config.in_chans, classes=config.out_chans,
         activation=None, **kwargs,
     )
     return apply_decoder_variant(model, norm=variant["decoder_norm"], activation=variant["decoder_activation"])
@@ -357,7 +388,7 @@ def _check_smp(config: ModelConfig) -> None:
 
 
 for _name in SMP_ARCHITECTURES:
-    register_architecture(_name, _build_smp, check=_check_smp)
+    register_architecture(_name, _build_smp, check=_check_smp, multi_slice=True)
 for _name in MONAI_NETWORKS:
     register_architecture(_name, build_monai, check=check_monai)
 
@@ -485,6 +516,26 @@ def _check_in_chans(in_chans: int) -> None:
     """Odd: a centre plane and as many neighbours on each side (what crops and inference feed)."""
     if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1 or in_chans % 2 == 0:
         raise ValueError(f"in_chans must be odd (1, 3, 5, ...), got {in_chans!r}")
+
+
+def _check_out_chans(out_chans: int, in_chans: int, spatial_dims: int, arch: str, multi_slice: bool) -> None:
+    """Odd and at most ``in_chans`` (the output planes are input planes: the centre one and as
+    many neighbours on each side); > 1 only for 2D architectures registered ``multi_slice``."""
+    if isinstance(out_chans, bool) or not isinstance(out_chans, int) or out_chans < 1 or out_chans % 2 == 0:
+        raise ValueError(f"out_chans must be odd (1, 3, 5, ...): the planes predicted around the middle input plane; "
+                         f"got {out_chans!r}")
+    if out_chans == 1:
+        return
+    if spatial_dims != 2:
+        raise ValueError(f"out_chans={out_chans} is for 2.5D models (planes out); a 3D model (spatial_dims=3) predicts "
+                         "its patch: set out_chans=1")
+    if out_chans > in_chans:
+        raise ValueError(f"out_chans={out_chans} exceeds in_chans={in_chans}: a model predicts planes it sees; "
+                         f"set out_chans <= in_chans (e.g. in_chans={out_chans})")
+    if not multi_slice:
+        raise ValueError(f"architecture {arch!r} predicts one plane: out_chans={out_chans} needs one registered with "
+                         f"multi_slice=True ({sorted(name for name, a in ARCHITECTURES.items() if a.multi_slice)}); "
+                         "or set out_chans=1")
 
 
 def _json_round_trip(values: dict[str, Any], what: str) -> dict[str, Any]:

@@ -11,6 +11,11 @@ How the accumulator is filled depends on the models' rank (``windows.py``):
   are batched together, each batch goes through every TTA view of every model, the view logits
   are inverted and averaged, the tiles are blended back with a gaussian importance map, and the
   plane, divided by the summed weights, is added (times the axis weight) into the accumulator.
+  A multi-slice model (``out_chans`` m > 1, e.g. the 1st place's 3 in, 3 out) predicts the m
+  planes centred on its window's middle plane: each output plane is summed into its own plane,
+  and a plane is blended once every window that predicts it is in, divided by their count (m
+  windows, fewer within m // 2 planes of the volume's ends). The open planes are those within
+  m // 2 of the planes being predicted: a few planes of float32 sums more, nothing per volume.
 - 3D models: the volume is cut into overlapping patches; each patch's view-averaged logits,
   times its gaussian and divided by the (separable) summed weights, are added into the
   accumulator directly.
@@ -247,7 +252,7 @@ class Predictor:
         core = region if shape == original.shape else source_span(shape, original.shape, region)
         plans = [self._plan(group, shape, window) for group, window in zip(self._groups, windows, strict=True)]
         jobs = [job for jobs in plans for job in jobs]
-        clock = Deadline(None, total=sum(_tiles_reaching(work, core) for work, _, _ in jobs))
+        clock = Deadline(None, total=sum(_tiles_reaching(work, core, feed.out_chans) for work, feed, _ in jobs))
         with _Progress(clock.total, self.config.progress, clock) as tick:
             accumulator = _accumulate(source, jobs, np.zeros(region_shape(core), np.float16), clock, tick, core)
         if source is original:
@@ -279,7 +284,7 @@ class Predictor:
             passes = plan_planes(shape, {axis: w * group.share for axis, w in weights.items()}, tile=tile,
                                  overlap=config.overlap, stride=ensemble.stride, square=square)
         feed = _Feed(
-            in_chans=ensemble.in_chans, normalization=ensemble.normalization,
+            in_chans=ensemble.in_chans, out_chans=ensemble.out_chans, normalization=ensemble.normalization,
             intensity_window=window, weights=ensemble.weights,
             batch_size=config.batch_size, use_amp=config.amp is not False and all(d.type == "cuda" for d in self.devices),
             views=tta_views(config.tta, spatial_dims=ensemble.spatial_dims,
@@ -384,9 +389,10 @@ class _Group:
 @dataclass(frozen=True)
 class _Feed:
     """How windows become model input and logits: intensity normalisation, model weights, TTA
-    views, batch size and autocast."""
+    views, batch size and autocast; ``out_chans`` is the models' output channels (planes)."""
 
     in_chans: int
+    out_chans: int
     normalization: Normalization
     intensity_window: tuple[float, float]
     weights: list[float]
@@ -440,25 +446,42 @@ def _run_plane_pass(source: VolumeSource, work: PlanePass, replicas: list[_Repli
 def _run_planes(source: VolumeSource, work: PlanePass, planes: range, in_plane: Region, first_plane: int,
                 replica: _Replica, feed: _Feed, accumulator, tick) -> None:
     """The planes ``planes``, each blended over its box ``in_plane`` and added into the
-    accumulator, whose plane 0 along the pass' axis is plane ``first_plane``."""
+    accumulator, whose plane 0 along the pass' axis is plane ``first_plane``.
+
+    The windows centred on plane p predict planes p - m // 2 .. p + m // 2 (m = ``out_chans``), so
+    the windows centred within m // 2 planes of ``planes`` are run, in plane order (a share's
+    neighbour runs its edge planes too: threads never write one plane). Each output plane is
+    summed into its own plane's float32 sums; a plane is blended when all its windows are in,
+    divided by its normaliser times the number of window centres predicting it (m at most; 1 for
+    m = 1: the arithmetic of a one-plane model is unchanged).
+    """
     grid = work.grid
+    half = feed.out_chans // 2
+    centres = range(max(planes.start - half, 0), min(planes.stop + half, work.planes))
     targets = np.moveaxis(accumulator, SLICE_AXIS[work.axis], 0)
     tile_h, tile_w = grid.window_shape
     reach = grid.reaching(in_plane)
     (top, left), blend_box = reach.origin, _shift(in_plane, reach.span)
     normaliser = grid.normaliser(in_plane)
+    normalisers: dict[int, np.ndarray] = {}  # centres predicting a plane -> normaliser x their count
     pending: dict[int, list] = {}  # plane index -> [padded logit sum, windows done]
-    batches = _plane_batches(source, work, planes, reach, feed)
+    batches = _plane_batches(source, work, centres, reach, feed)
     for batch_index, batch in _prefetch(batches, replica.device):
         logits = _forward(replica.models, batch, feed)
-        for (plane, y, x), tile_logits in zip(batch_index, logits, strict=True):
-            entry = pending.setdefault(plane, [np.zeros(reach.extent, np.float32), 0])
-            entry[0][y - top : y - top + tile_h, x - left : x - left + tile_w] += tile_logits * grid.importance
-            entry[1] += 1
-            if entry[1] == len(reach.corners):
-                _blend_into(targets[plane - first_plane], entry[0][blend_box], normaliser, work.weight,
-                            check=f"{work.axis} plane {plane}")
-                del pending[plane]
+        for (centre, y, x), window_logits in zip(batch_index, logits, strict=True):
+            for plane, plane_logits in zip(range(centre - half, centre + half + 1), window_logits, strict=True):
+                if plane not in planes:
+                    continue
+                entry = pending.setdefault(plane, [np.zeros(reach.extent, np.float32), 0])
+                entry[0][y - top : y - top + tile_h, x - left : x - left + tile_w] += plane_logits * grid.importance
+                entry[1] += 1
+                predicting = min(plane + half, work.planes - 1) - max(plane - half, 0) + 1
+                if entry[1] == len(reach.corners) * predicting:
+                    if predicting not in normalisers:
+                        normalisers[predicting] = normaliser * np.float32(predicting)
+                    _blend_into(targets[plane - first_plane], entry[0][blend_box], normalisers[predicting], work.weight,
+                                check=f"{work.axis} plane {plane}")
+                    del pending[plane]
         tick(len(batch_index))
 
 
@@ -516,12 +539,14 @@ def _shift(box: Region, origin: Region) -> Region:
     return tuple(slice(part.start - start.start, part.stop - start.start) for part, start in zip(box, origin, strict=True))
 
 
-def _tiles_reaching(work: PlanePass | PatchPass, core: Region) -> int:
-    """The tiles (patches) of a pass that a run of the box ``core`` predicts."""
+def _tiles_reaching(work: PlanePass | PatchPass, core: Region, out_chans: int = 1) -> int:
+    """The tiles (patches) of a pass that a run of the box ``core`` predicts (for planes, the
+    windows centred within ``out_chans // 2`` planes of the box too)."""
     if isinstance(work, PatchPass):
         return len(work.grid.reaching(core).corners)
     slice_axis = SLICE_AXIS[work.axis]
-    planes = core[slice_axis].stop - core[slice_axis].start
+    half = out_chans // 2
+    planes = min(core[slice_axis].stop + half, work.planes) - max(core[slice_axis].start - half, 0)
     return planes * len(work.grid.reaching(_in_plane(core, slice_axis)).corners)
 
 
@@ -546,7 +571,7 @@ def _run_patch_pass(source: VolumeSource, work: PatchPass, replicas: list[_Repli
         def run(share) -> None:
             replica, mine = share
             for batch_index, batch in _prefetch(_patch_batches(source, work, mine, feed), replica.device):
-                for corner, patch_logits in zip(batch_index, _forward(replica.models, batch, feed), strict=True):
+                for corner, patch_logits in zip(batch_index, _forward(replica.models, batch, feed)[:, 0], strict=True):
                     rows.add(corner, patch_logits)
                 tick(len(batch_index))
 
@@ -568,7 +593,7 @@ def _run_patch_region(source: VolumeSource, work: PatchPass, replicas: list[_Rep
     def run(share) -> None:
         replica, mine = share
         for batch_index, batch in _prefetch(_patch_batches(source, work, mine, feed), replica.device):
-            for corner, patch_logits in zip(batch_index, _forward(replica.models, batch, feed), strict=True):
+            for corner, patch_logits in zip(batch_index, _forward(replica.models, batch, feed)[:, 0], strict=True):
                 box = tuple(slice(start - origin, min(start + side, total) - origin) for start, side, total, origin
                             in zip(corner, grid.window_shape, grid.region_shape, reach.origin, strict=True))
                 inside = tuple(slice(0, part.stop - part.start) for part in box)
@@ -724,16 +749,27 @@ def _prefetch(batches: Iterator, device: torch.device) -> Iterator[tuple[list, t
 
 
 def _forward(models: list[torch.nn.Module], batch: torch.Tensor, feed: _Feed) -> np.ndarray:
-    """Mean over views of the weighted model logits, each view inverted: (B, *window) float32."""
+    """Mean over views of the weighted model logits, each view inverted: (B, out_chans, *window)
+    float32."""
     total = None
     memory_format = _memory_format(batch.ndim)
     with torch.inference_mode(), torch.autocast(batch.device.type, dtype=torch.float16, enabled=feed.use_amp):
         for transform, inverse in feed.views:
             viewed = transform(batch).contiguous(memory_format=memory_format)  # as the models (_replicas)
-            logits = sum(w * model(viewed).float() for model, w in zip(models, feed.weights, strict=True))
+            logits = sum(w * _checked_output(model(viewed), feed.out_chans).float()
+                         for model, w in zip(models, feed.weights, strict=True))
             restored = inverse(logits)
             total = restored if total is None else total + restored
-    return (total / len(feed.views))[:, 0].float().cpu().numpy()
+    return (total / len(feed.views)).float().cpu().numpy()
+
+
+def _checked_output(logits: torch.Tensor, out_chans: int) -> torch.Tensor:
+    """``logits`` if they have the ``out_chans`` channels the ensemble says, else ValueError."""
+    if logits.shape[1] != out_chans:
+        raise ValueError(f"a model output {logits.shape[1]} channels, but the ensemble says out_chans={out_chans}: a "
+                         "module predicting several planes declares them (module.out_chans = m, as built models do); "
+                         "checkpoints store out_chans")
+    return logits
 
 
 def _replicas(ensemble: Ensemble, devices: list[torch.device], *, compiled: bool = False) -> list[_Replica]:

@@ -43,7 +43,8 @@ T = TypeVar("T")
 
 # Training's crop defaults where they differ from CropConfig's.
 _CROP_DEFAULTS = {"crops_per_epoch": 2000}
-_CROPS_IN_CHANS = {"in_chans": "crops take the model's channels; set model.in_chans"}
+_CROPS_IN_CHANS = {"in_chans": "crops take the model's channels; set model.in_chans",
+                   "out_chans": "crops take the model's output planes; set model.out_chans"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class ModelOptions:
     ``arch`` is a registered architecture (``models.register_architecture``); ``encoder`` and
     ``model_kwargs`` go to its builder (the smp ones check them). ``encoder_weights`` is None
     (random init) or a local weights file. ``in_chans`` is odd (1 = 2D, 3/5 = 2.5D) and sets the
-    crops' channels too. ``normalization`` is a ``Normalization.from_dict`` mapping.
+    crops' channels too; ``out_chans`` (odd, <= in_chans) the planes it predicts, and the crops'
+    target slices. ``normalization`` is a ``Normalization.from_dict`` mapping.
 
     Example::
 
@@ -65,6 +67,7 @@ class ModelOptions:
     encoder: str = "resnet34"
     encoder_weights: str | None = None
     in_chans: int = 1
+    out_chans: int = 1
     spatial_dims: int = 2
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     normalization: dict[str, Any] = field(default_factory=lambda: {"mode": "percentile", "low": 10.0, "high": 99.8})
@@ -80,6 +83,7 @@ class ModelOptions:
             arch=self.arch, encoder=self.encoder, in_chans=self.in_chans,
             normalization=Normalization.from_dict(self.normalization), voxel_size_um=voxel_size_um,
             tile_size=tile_size, model_kwargs=self.model_kwargs, spatial_dims=self.spatial_dims,
+            out_chans=self.out_chans,
         )
 
 
@@ -204,7 +208,7 @@ class TrainConfig:
                              "a 2D model trains on crops: give crops instead")
         crops = _section(CropConfig, {} if self.crops is None else self.crops, "crops.",
                          defaults=_CROP_DEFAULTS, exclude=_CROPS_IN_CHANS)
-        self.crops = dataclasses.replace(crops, in_chans=self.model.in_chans)
+        self.crops = dataclasses.replace(crops, in_chans=self.model.in_chans, out_chans=self.model.out_chans)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
@@ -224,13 +228,13 @@ class TrainConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The options in the nested form ``from_dict`` reads: ``crops.in_chans`` left out (it is
-        ``model.in_chans``), and the one of ``crops``/``patches`` that the model does not use."""
+        """The options in the nested form ``from_dict`` reads: ``crops.in_chans``/``out_chans`` left
+        out (they are ``model``'s), and the one of ``crops``/``patches`` that the model does not use."""
         values = asdict(self)
         if self.crops is None:
             del values["crops"]
         else:
-            del values["crops"]["in_chans"], values["patches"]
+            del values["crops"]["in_chans"], values["crops"]["out_chans"], values["patches"]
         return values
 
 

@@ -23,7 +23,8 @@ def tta_views(mode: str, *, spatial_dims: int = 2, reverse_slices: bool = False)
     """(transform, inverse) pairs: "none" 1 view; "flips" every combination of flips of the
     spatial dims (2D: none, x, y, xy; 3D: the 8 of z, y, x); "d4" 8 (the 4 rotations in the
     (H, W) plane, each with and without an x flip). ``reverse_slices`` doubles the views with
-    the 2.5D channel order reversed (the output has one channel, so nothing to undo there)."""
+    the 2.5D channel order reversed; their inverse reverses the output channels back (the planes
+    of a multi-slice model come out in reversed order; one channel is left as it is)."""
     if mode not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {mode!r}")
     if spatial_dims not in (2, 3):
@@ -37,7 +38,7 @@ def tta_views(mode: str, *, spatial_dims: int = 2, reverse_slices: bool = False)
     else:
         views = [_rotate(k, flip) for k in range(4) for flip in (False, True)]
     if reverse_slices:
-        views = views + [(_then_reverse_channels(forward), inverse) for forward, inverse in views]
+        views = views + [(_then_reverse_channels(forward), _then_reverse_channels(inverse)) for forward, inverse in views]
     return views
 
 
@@ -61,5 +62,6 @@ def _rotate(k: int, flip: bool) -> View:
     return forward, inverse
 
 
-def _then_reverse_channels(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: torch.flip(forward(x), (1,))
+def _then_reverse_channels(transform: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``transform`` then the channel order reversed (it commutes with the in-plane transforms)."""
+    return lambda x: torch.flip(transform(x), (1,))
