@@ -160,8 +160,8 @@ def test_bad_input_is_refused_by_name(volume, model, tmp_path):
         infer_blocks(volume.astype(np.int16), model, tmp_path / "c.zarr", **kwargs)
     with pytest.raises(ValueError, match="multiple of the output chunks"):
         infer_blocks(volume, model, tmp_path / "d.zarr", block=12, chunks=8, progress=False, **FAST)
-    with pytest.raises(ValueError, match="min_component_size"):
-        infer_blocks(volume, model, tmp_path / "e.zarr", min_component_size=10, **kwargs)
+    with pytest.raises(ValueError, match="hull_gate"):
+        infer_blocks(volume, model, tmp_path / "e.zarr", hull_gate=3, **kwargs)
     with pytest.raises(ValueError, match="dask|executor"):
         infer_blocks(volume, model, tmp_path / "f.zarr", executor="ray", **kwargs)
 

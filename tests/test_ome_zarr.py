@@ -39,19 +39,22 @@ def _levels(volume: np.ndarray, count: int) -> list[np.ndarray]:
 
 
 def write_ome_zarr(path: Path, volume: np.ndarray, *, version: str = "0.4", levels: int = 3, scale: float = 2.5,
-                   unit: str | None = "micrometer", leading: tuple[int, ...] = (), chunks=(8, 8, 8)) -> Path:
+                   unit: str | None = "micrometer", leading: tuple[int, ...] = (), chunks=(8, 8, 8),
+                   spatial: str = "zyx") -> Path:
     """An OME-Zarr image like the Human Organ Atlas's: levels 0.. of 2x subsampling, blosc-zstd
-    chunks, ``leading`` singleton-or-not t/c axes before z, y, x."""
+    chunks, ``leading`` singleton-or-not t/c axes before the spatial axes, stored and named in the
+    order ``spatial`` (e.g. "xyz")."""
     root = zarr.open_group(str(path), mode="w", zarr_format=2 if version == "0.4" else 3)
     names = ["t", "c"][2 - len(leading):] if leading else []
     axes = [{"name": n, "type": "time" if n == "t" else "channel"} for n in names]
-    axes += [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in "zyx"]
+    axes += [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in spatial]
     datasets = []
     for k, data in enumerate(_levels(volume, levels)):
+        data = data.transpose(["zyx".index(axis) for axis in spatial])
         data = np.broadcast_to(data, leading + data.shape)
         options = ({"compressors": Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE),
                     "chunk_key_encoding": {"name": "v2", "separator": "/"}} if version == "0.4" else
-                   {"compressors": zarr.codecs.BloscCodec(cname="zstd", clevel=3), "dimension_names": names + list("zyx")})
+                   {"compressors": zarr.codecs.BloscCodec(cname="zstd", clevel=3), "dimension_names": names + list(spatial)})
         array = root.create_array(str(k), shape=data.shape, chunks=leading + chunks, dtype=data.dtype, **options)
         array[...] = data
         datasets.append({"path": str(k), "coordinateTransformations": [
@@ -169,6 +172,18 @@ def test_singleton_t_and_c_axes_are_dropped(tmp_path, version):
     assert source.shape == volume.shape and source.chunks == (8, 8, 8)
     box = (slice(5, 9), ALL, slice(30, 32))
     np.testing.assert_array_equal(source.read(box), volume[box])
+
+
+@pytest.mark.parametrize("spatial", ["xyz", "yxz"])
+def test_spatial_axes_stored_in_another_order_are_read_as_zyx_by_name(tmp_path, spatial):
+    volume = _volume()
+    source = open_volume(write_ome_zarr(tmp_path / f"{spatial}.zarr", volume, leading=(1,), chunks=(8, 4, 2)))
+    assert source.shape == volume.shape
+    source = open_volume(write_ome_zarr(tmp_path / f"{spatial}_2.zarr", volume, leading=(1,), spatial=spatial))
+    assert source.shape == volume.shape
+    box = (slice(5, 9), slice(2, 20), slice(30, 32))
+    np.testing.assert_array_equal(source.read(box), volume[box])
+    np.testing.assert_array_equal(source.read((ALL, ALL, ALL)), volume)
 
 
 def test_a_channel_axis_of_two_is_refused(tmp_path):

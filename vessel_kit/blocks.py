@@ -10,9 +10,10 @@ volume and given to every block. The block is thresholded (probability > thresho
 the same as ``Predictor.to_mask``), written, and only then marked done in the store. A rerun skips
 the done blocks; a failing block is retried ``retries`` times.
 
-2D, 2.5D and 3D models (and mixed ensembles) run block-wise. Non-local mask rules
-(``hysteresis``, ``top_fraction``, ``min_component_size`` > 1, ``hull_gate``) are refused with a
-ValueError: their block-wise form (a second, global pass) is not written yet.
+2D, 2.5D and 3D models (and mixed ensembles) run block-wise. The non-local mask rules
+(``hysteresis``, ``top_fraction``, ``min_component_size`` > 1) run as a second, global pass over
+the stored logits (``blocks_rules``; they turn ``logits=True`` on), with the mask of the in-memory
+run; ``hull_gate`` is refused with a ValueError (no block-wise form, see ``blocks_rules``).
 
 Executors: ``"serial"`` (this process), or ``"dask"``: a ``LocalCluster`` of ``workers`` processes
 with one thread each (one GPU each as the dask resource ``GPU`` when CUDA is there), or the
@@ -89,7 +90,8 @@ def infer_blocks(
             the dask resources a block needs (default: ``{"GPU": 1}`` when the workers advertise
             a GPU resource, as the LocalCluster's do on a CUDA machine).
         retries: how many times a failing block is retried (serially, or by dask).
-        logits: also store the float16 logits; pyramid: build the multiscale levels at the end.
+        logits: also store the float16 logits (always, with a non-local mask rule: its second
+            pass reads them); pyramid: build the multiscale levels at the end.
         progress: a tqdm bar of blocks done / total with an ETA.
 
     Raises:
@@ -98,6 +100,7 @@ def infer_blocks(
             chunks, options with no block-wise form), naming what and the fix.
         ImportError: ``executor="dask"`` without dask.distributed installed.
     """
+    from .blocks_rules import finish_masks, split_rules
     from .infer_config import InferConfig
     from .ome_zarr import DTYPES, open_volume
     from .ome_zarr_out import create_output
@@ -110,7 +113,8 @@ def infer_blocks(
     config = config or InferConfig()
     if options:
         config = config.replace(**options)
-    _check_local_rules(config)
+    config, rules = split_rules(config)  # the first pass thresholds; the rules' pass rewrites the masks
+    logits = logits or rules is not None
     run_models = _Models(models, config.replace(progress=False), uuid.uuid4().hex)
     # serial: this process' Predictor runs the blocks; dask: the workers', and this one (on the CPU
     # unless a device is set) only checks the models and samples the intensity window
@@ -140,6 +144,7 @@ def infer_blocks(
             _run_serial(task, todo, retries, bar.update)
         else:
             _run_dask(task, todo, retries, workers, scheduler, resources, bar.update)
+    finish_masks(store, rules, predictor.threshold, block_shape, progress=progress)
     if pyramid:
         store.build_pyramid(progress=progress)
     return store
@@ -256,18 +261,6 @@ def _run_task(task: _BlockTask, index: tuple[int, int, int], region: Region) -> 
 
 
 # --- checks and helpers ------------------------------------------------------------------------
-
-
-def _check_local_rules(config: Any) -> None:
-    """ValueError for the mask rules that need the whole volume: a block can't apply them alone."""
-    rules = {"hysteresis": config.hysteresis, "top_fraction": config.top_fraction,
-             "min_component_size": config.min_component_size if config.min_component_size > 1 else None,
-             "hull_gate": config.hull_gate}
-    given = {name: value for name, value in rules.items() if value is not None}
-    if given:
-        raise ValueError(f"block-wise inference thresholds each block on its own (probability > threshold); "
-                         f"{given} need the whole volume: unset them, or run infer_volume (or post-process the "
-                         "stored logits, logits=True)")
 
 
 def _sides(value: int | Sequence[int], name: str) -> tuple[int, int, int]:

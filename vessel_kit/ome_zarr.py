@@ -12,7 +12,9 @@ Nothing is read up front but metadata: the source reads only the chunks a box to
   matched on the path's name). Scales without a unit give no voxel size.
 - **Pyramid level**: ``level=k``, or with ``model_voxel_size_um`` the level whose voxel size is
   nearest the model's (in ratio), so a 2.5 µm organ is read at 40 µm for a 50 µm model; else 0.
-- **Axes**: singleton t and c axes are dropped; anything else that is not (Z, Y, X) is refused.
+- **Axes**: singleton t and c axes are dropped; spatial axes named in another order (e.g. x, y,
+  z, as some Human Organ Atlas stores hold them) are read as (Z, Y, X) by their names, lazily;
+  anything else that is not a volume is refused.
 
 Importing this module does not import zarr: it is imported when a zarr store is opened.
 """
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .hoa import HOA_PREFIX
 from .layout import KNOWN_VOXEL_SIZES_UM
 from .n5 import N5Array, is_n5, read_attributes
 from .regions import check_region
@@ -94,7 +97,8 @@ def open_volume(
 
     Args:
         volume: a TIFF-slice folder, an OME-Zarr image, a zarr array, an N5 dataset or multiscale
-            group, or an array-like (numpy, memmap, dask, zarr).
+            group, ``hoa:<name>`` (a Human Organ Atlas dataset, ``hoa.open_hoa``; needs the
+            ``vessel_kit[hoa]`` extra), or an array-like (numpy, memmap, dask, zarr).
         voxel_size_um: the full-resolution voxel size in µm; overrides the metadata.
         level: the pyramid level to read (default: nearest ``model_voxel_size_um``, else 0).
         model_voxel_size_um: the models' voxel size, to choose the level.
@@ -106,6 +110,11 @@ def open_volume(
     """
     if not isinstance(volume, (str, os.PathLike)):
         return _array_volume(volume, voxel_size_um, level)
+    if _is_hoa_name(volume):
+        from .hoa import open_hoa
+
+        return open_hoa(str(volume).removeprefix(HOA_PREFIX), level=level, model_voxel_size_um=model_voxel_size_um,
+                        voxel_size_um=voxel_size_um)
     path = Path(volume)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist or is not a folder (expected TIFF slices, OME-Zarr, zarr or N5)")
@@ -133,9 +142,17 @@ def require_voxel_size(source: VolumeSource) -> float:
 
 
 def is_volume_store(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a zarr (OME-Zarr or plain) or N5 folder ``open_volume`` reads as a store."""
+    """Whether ``path`` is a zarr (OME-Zarr or plain) or N5 folder ``open_volume`` reads as a store
+    (or a Human Organ Atlas dataset, ``hoa:<name>``)."""
+    if _is_hoa_name(path):
+        return True
     path = Path(path)
     return path.is_dir() and (is_n5(path) or any((path / name).is_file() for name in _ZARR_FILES))
+
+
+def _is_hoa_name(volume: str | os.PathLike) -> bool:
+    """``hoa:<name>`` (``hoa.py``), unless a local path of that name exists."""
+    return str(volume).startswith(HOA_PREFIX) and not Path(volume).exists()
 
 
 def named_voxel_size(path: Path) -> float | None:
@@ -285,7 +302,8 @@ def _choose_level(levels: list[Level], base: float | None, level: int | None, mo
 
 
 def _spatial(array: Any, axes: list[str | None], where: Any):
-    """``array`` as (Z, Y, X): leading singleton axes (t, c) dropped lazily; checks 3D and dtype."""
+    """``array`` as (Z, Y, X): leading singleton axes (t, c) dropped and spatial axes named in
+    another order permuted, both lazily; checks 3D and dtype."""
     shape = tuple(int(n) for n in array.shape)
     extra = len(shape) - 3
     if extra < 0 or any(n != 1 for n in shape[:extra]):
@@ -295,20 +313,35 @@ def _spatial(array: Any, axes: list[str | None], where: Any):
             "select one time point and channel first"
         )
     _check_dtype(np.dtype(array.dtype), where)
-    return array if extra == 0 else _Squeezed(array, extra)
+    names = [str(name).lower() if name else None for name in axes[-3:]]
+    order = tuple(names.index(name) for name in "zyx") if sorted(names, key=str) == ["x", "y", "z"] else (0, 1, 2)
+    return array if extra == 0 and order == (0, 1, 2) else _ZYXView(array, extra, order)
 
 
-class _Squeezed:
-    """A lazy (Z, Y, X) view of an array whose ``extra`` leading axes have size 1."""
+class _ZYXView:
+    """A lazy (Z, Y, X) view of an array whose ``extra`` leading axes have size 1 and whose
+    spatial axes are stored in another order: output axis i is stored spatial axis ``order[i]``."""
 
-    def __init__(self, array: Any, extra: int) -> None:
-        self.array, self.extra = array, extra
-        self.shape, self.dtype = tuple(array.shape[extra:]), array.dtype
+    def __init__(self, array: Any, extra: int, order: tuple[int, int, int]) -> None:
+        self.array, self.extra, self.order = array, extra, order
+        stored = tuple(array.shape[extra:])
+        self.shape, self.dtype = tuple(stored[k] for k in order), array.dtype
         chunks = getattr(array, "chunksize", None) or getattr(array, "chunks", None)
-        self.chunks = tuple(chunks[extra:]) if isinstance(chunks, tuple) else None
+        self.chunks = tuple(chunks[extra:][k] for k in order) if isinstance(chunks, tuple) else None
 
-    def __getitem__(self, box: tuple[slice, ...]) -> Any:
-        return self.array[(0,) * self.extra + tuple(box)]
+    def __getitem__(self, box: Any) -> Any:
+        box = box if isinstance(box, tuple) else (box,)
+        box = tuple(box) + (slice(None),) * (3 - len(box))
+        stored: list[Any] = [None] * 3
+        for axis, k in enumerate(self.order):
+            stored[k] = box[axis]
+        data = self.array[(0,) * self.extra + tuple(stored)]
+        if self.order == (0, 1, 2):
+            return data
+        data = np.asarray(data)
+        kept = [k for k in self.order if not isinstance(stored[k], (int, np.integer))]  # int indices drop axes
+        positions = sorted(kept)
+        return data.transpose([positions.index(k) for k in kept]) if len(kept) > 1 else data
 
 
 def _check_dtype(dtype: np.dtype, where: Any) -> None:
