@@ -54,7 +54,7 @@ def launch(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
     def start(args: list[str], log: Path) -> subprocess.Popen:
         with open(log, "wb") as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=tmp_path,
-                                       start_new_session=True)
+                                       start_new_session=True, preexec_fn=_default_sigint)
         started.append(process)
         return process
 
@@ -63,6 +63,13 @@ def launch(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so Python turns it into
+    KeyboardInterrupt even when the test run itself ignores it (started in the background by a
+    non-interactive shell, which sets SIGINT to 'ignore' for its children)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt(process: subprocess.Popen, reached: Callable[[], bool], sig: signal.Signals, point: str,

@@ -188,11 +188,11 @@ def test_a_run_with_a_flat_config_yaml_resumes(tmp_path):
     for section in ("model", "crops", "optim"):
         flat.update(config.to_dict()[section])
     for new in ("spatial_dims", "max_foreground_points", "optimizer", "optimizer_kwargs", "scheduler", "scheduler_kwargs",
-                "cutmix_p", "scale"):
+                "cutmix_p", "scale", "out_chans"):
         del flat[new]  # options the older version did not have
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(flat))
     (tmp_path / "state.pt").write_bytes(b"x")
-    canonical = train_module._canonical_config
+    canonical = train_module.canonical_config
     assert train_module.claim_run_dir(tmp_path, config.to_dict(), canonical=canonical) == "resume"
     other = TrainConfig.from_dict({**config.to_dict(), "crops": {**config.to_dict()["crops"], "crop_size": 96}})
     with pytest.raises(ValueError, match=r"another config \(crops.crop_size: 128 -> 96\)"):
@@ -240,7 +240,7 @@ def test_recipe_4th_place_2d_and_3d_smoke_train_and_predict_a_hull_gated_ensembl
     from vessel_kit.infer import infer_volume
     from vessel_kit.infer_config import InferConfig
     from vessel_kit.postprocess import hull_gate
-    from vessel_kit.submit import _carried_config
+    from vessel_kit.submit import carried_infer_config
     from vessel_kit.synth import make_synthetic_volume
 
     config_2d, result_2d = _smoke_train("4th_place_2d", data_root, tmp_path / "2d",
@@ -252,9 +252,9 @@ def test_recipe_4th_place_2d_and_3d_smoke_train_and_predict_a_hull_gated_ensembl
     )
     assert config_2d.crops.cutmix_p > 0 and config_2d.model.model_kwargs == {"decoder_attention_type": "scse"}
     pair = [result_2d.best_checkpoint, result_3d.best_checkpoint]
-    carried = _carried_config(pair, log=lambda _: None)
+    carried = carried_infer_config(pair, log=lambda _: None)
     assert carried.threshold == 0.05 and carried.hull_gate == HullGate(10, "convex", "sum", 0.5)  # the pair agrees
-    assert _carried_config(pair[:1], log=lambda _: None).hull_gate is None  # dropped for a lone member
+    assert carried_infer_config(pair[:1], log=lambda _: None).hull_gate is None  # dropped for a lone member
     images, _ = make_synthetic_volume((16, 48, 48), seed=4)
     mask_2d = _smoke_infer(config_2d, result_2d.best_checkpoint, images, axes=["xy"], hull_gate=None)
     mask_3d = _smoke_infer(config_3d, result_3d.best_checkpoint, images, hull_gate=None)

@@ -75,7 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     infer = commands.add_parser("infer", help="predict every test volume of a Kaggle layout into a submission")
     infer.add_argument("data_root", type=Path,
-                       help="dataset root holding test/<volume>/images, or one OME-Zarr, zarr or N5 volume "
+                       help="dataset root holding test/<volume>/images, or one OME-Zarr, zarr or N5 volume, or "
+                            "hoa:<NAME>, a Human Organ Atlas dataset (pip install 'vessel_kit[hoa]') "
                             "(predicted into the OME-Zarr store --out NAME.zarr)")
     infer.add_argument("checkpoints", type=Path, nargs="+", help="one or more .safetensors checkpoints (an ensemble)")
     infer.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission CSV (default submission.csv)")
@@ -302,7 +303,7 @@ def _run_infer_volume(args: argparse.Namespace) -> int:
     from .models import read_checkpoint_metadata
     from .ome_zarr import open_volume
     from .ome_zarr_out import create_output
-    from .submit import _carried_config
+    from .submit import carried_infer_config
 
     if args.out.suffix != ".zarr":
         raise ValueError(f"--out {args.out}: a zarr or N5 volume is predicted into an OME-Zarr store: give --out NAME.zarr")
@@ -310,7 +311,7 @@ def _run_infer_volume(args: argparse.Namespace) -> int:
                                        ("--logits-dir", args.logits_dir), ("--on-error", args.on_error != "raise")) if given]
     if unused:
         raise ValueError(f"{', '.join(unused)}: for a dataset root only, not for the volume {args.data_root}")
-    config = (args.config or _carried_config(args.checkpoints, _log)).replace(**_infer_options(args))
+    config = (args.config or carried_infer_config(args.checkpoints, _log)).replace(**_infer_options(args))
     if args.device:
         config = config.replace(device=args.device)
     trained_at = {read_checkpoint_metadata(path)["config"].voxel_size_um for path in args.checkpoints}

@@ -52,7 +52,7 @@ from .recipes import merge_config
 from .runs import MEMBERS_MANIFEST as MANIFEST
 from .runs import claim_run_dir, read_members_manifest
 from .train_config import TrainConfig
-from .training import TrainResult, _canonical_config, train
+from .training import TrainResult, canonical_config, train
 from .tta import TTA_MODES
 
 __all__ = ["MembersResult", "ModelMember", "PseudoStep", "member_steps", "train_members"]
@@ -149,7 +149,7 @@ def train_members(config: TrainConfig, *, overwrite: bool = False) -> MembersRes
             member = step.config
             check_no_shared_images(member.data_root, member.train_volumes, member.val_volumes)
             if not overwrite:
-                modes[step.name] = claim_run_dir(member.out_dir, member.to_dict(), canonical=_canonical_config)
+                modes[step.name] = claim_run_dir(member.out_dir, member.to_dict(), canonical=canonical_config)
     manifest_path = root / MANIFEST
     recorded = {} if overwrite else read_members_manifest(manifest_path)
     done = recorded.get("members", {})

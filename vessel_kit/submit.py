@@ -52,7 +52,10 @@ from .rle import (
     validate_submission,
 )
 
-__all__ = ["ON_ERROR", "RESERVED_OPTIONS", "check_submission_options", "predict_submission", "write_empty_submission"]
+__all__ = [
+    "ON_ERROR", "RESERVED_OPTIONS", "carried_infer_config", "check_submission_options", "predict_submission",
+    "write_empty_submission",
+]
 
 ON_ERROR = ("raise", "empty")
 # infer_volume arguments predict_submission sets itself (per volume, or from its own options)
@@ -119,7 +122,7 @@ def predict_submission(
     if voxel_size_um is not None and not (_finite_number(voxel_size_um) and voxel_size_um > 0):
         raise ValueError(f"voxel_size_um must be a positive number of micrometres, got {voxel_size_um!r}")
     log = log or _log_to_stderr
-    config = (config or _carried_config(checkpoints, log)).replace(**infer_options)
+    config = (config or carried_infer_config(checkpoints, log)).replace(**infer_options)
     _check_output_file(Path(out))
     if logits_dir is not None:
         _prepare_logits_dir(Path(logits_dir))
@@ -244,7 +247,7 @@ def _out_of_time(elapsed: float, budget: float, voxels: int, done: int) -> bool:
     return elapsed >= budget or (done > 0 and elapsed + voxels * elapsed / done > budget)
 
 
-def _carried_config(checkpoints: Sequence[str | os.PathLike], log: Callable[[str], None]) -> InferConfig:
+def carried_infer_config(checkpoints: Sequence[str | os.PathLike], log: Callable[[str], None]) -> InferConfig:
     """The InferConfig of the inference settings the checkpoints carry (``extra["infer"]``) when
     those that carry any agree; InferConfig() when none does, or (with a note) when they differ.
     A carried ``hull_gate`` is dropped (with a note) unless the checkpoints are 2D and 3D.

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .members import MembersResult
 
 # TrainConfig and load_train_volumes are re-exported: they were defined here.
-__all__ = ["TrainConfig", "TrainResult", "load_train_volumes", "train"]
+__all__ = ["TrainConfig", "TrainResult", "canonical_config", "load_train_volumes", "train"]
 
 
 @dataclass
@@ -81,7 +81,7 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult | Memb
 
         return train_members(config, overwrite=overwrite)
     out_dir = Path(config.out_dir)
-    mode = claim_run_dir(out_dir, config.to_dict(), overwrite=overwrite, canonical=_canonical_config)
+    mode = claim_run_dir(out_dir, config.to_dict(), overwrite=overwrite, canonical=canonical_config)
     # The first device usable_devices accepts: a missing or broken one is a ValueError naming it,
     # before any data is read.
     device = torch.device(usable_devices(config.device)[0])
@@ -217,7 +217,7 @@ def _load_volumes(config: TrainConfig, names: list[str]) -> list[TrainVolume]:
     )
 
 
-def _canonical_config(values: Mapping[str, Any]) -> Mapping[str, Any]:
+def canonical_config(values: Mapping[str, Any]) -> Mapping[str, Any]:
     """A run folder's stored options as this version writes them (a run started before the config
     had sections resumes), or as they are when they no longer make a config."""
     try:

@@ -17,11 +17,12 @@ within itself per volume, beyond what the real scans show (the SynthSeg / vessel
 Arrays are (Z, Y, X). Labels are the vessels including any wall, never particles or texture.
 """
 
-from .dataset import SYNTHETIC_VOLUMES, SyntheticVolumeSpec, dataset_volume_seed, make_synthetic_dataset
+from .dataset import LOOKS_PER_FAMILY, SYNTHETIC_VOLUMES, SyntheticVolumeSpec, dataset_volume_seed, make_synthetic_dataset
 from .styles import STYLES, Style
 from .synthesize import make_synthetic_volume
 
 __all__ = [
+    "LOOKS_PER_FAMILY",
     "STYLES",
     "SYNTHETIC_VOLUMES",
     "Style",
