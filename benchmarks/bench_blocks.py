@@ -229,6 +229,10 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--quick", action="store_true", help="smaller volumes (about 2 minutes)")
     parser.add_argument("--out", default=None, help="write the results table (markdown) here too")
+    parser.add_argument("--overhead-shape", type=lambda text: _common.parse_shape(text, 3), default=None,
+                        help="the overhead part's volume Z x Y x X (default 64x192x192; --quick 32x64x64)")
+    parser.add_argument("--overhead-blocks", default=None,
+                        help="the overhead part's block sides, comma separated (default 64,96; --quick 32,64)")
     parser.add_argument("--volume", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--block", type=int, default=64, help=argparse.SUPPRESS)
@@ -260,8 +264,8 @@ def main(argv=None) -> int:
             elif part == "equivalence":
                 results[part] = _run(part, write_volume(shapes, folder), folder, block=32 if args.quick else 64)
             elif part == "overhead":
-                blocks = "32,64" if args.quick else "64,96"
-                results[part] = _run(part, write_volume(shapes, folder), folder, blocks=blocks)
+                blocks = args.overhead_blocks or ("32,64" if args.quick else "64,96")
+                results[part] = _run(part, write_volume(args.overhead_shape or shapes, folder), folder, blocks=blocks)
             else:
                 results[part] = _run(part, write_volume(shapes, folder), folder, block=32)
             print(f"{part}: done", flush=True)
