@@ -231,6 +231,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the results table (markdown) here too")
     parser.add_argument("--overhead-shape", type=lambda text: _common.parse_shape(text, 3), default=None,
                         help="the overhead part's volume Z x Y x X (default 64x192x192; --quick 32x64x64)")
+    parser.add_argument("--scaling-shape", type=lambda text: _common.parse_shape(text, 3), default=None,
+                        help="the scaling part's volume Z x Y x X (default 32x128x128: 16 blocks of 32)")
     parser.add_argument("--overhead-blocks", default=None,
                         help="the overhead part's block sides, comma separated (default 64,96; --quick 32,64)")
     parser.add_argument("--volume", help=argparse.SUPPRESS)
@@ -267,7 +269,7 @@ def main(argv=None) -> int:
                 blocks = args.overhead_blocks or ("32,64" if args.quick else "64,96")
                 results[part] = _run(part, write_volume(args.overhead_shape or shapes, folder), folder, blocks=blocks)
             else:
-                results[part] = _run(part, write_volume(shapes, folder), folder, block=32)
+                results[part] = _run(part, write_volume(args.scaling_shape or shapes, folder), folder, block=32)
             print(f"{part}: done", flush=True)
     table = format_table(results)
     print(table)
