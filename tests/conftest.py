@@ -1,4 +1,5 @@
-"""Shared fixtures: the real competition files in ../shared/data/real and the metric oracle."""
+"""Shared fixtures: the real competition files in ../shared/data/real, the metric oracle, and
+random-weight checkpoints for inference tests."""
 
 from __future__ import annotations
 
@@ -19,6 +20,25 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         raise FileNotFoundError(f"real test data missing: expected {REAL_DATA} (shared/ beside the repo)")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def random_unet():
+    """``save(path, *, in_chans=3, voxel_size_um=50.0, tile_size=64, **model_kwargs) -> path``: a
+    U-Net (ResNet-18 encoder, percentile normalisation) checkpoint with random weights drawn after
+    ``torch.manual_seed(0)``, so a test's expected masks are reproducible."""
+
+    def save(path: Path, *, in_chans: int = 3, voxel_size_um: float = 50.0, tile_size: int = 64, **model_kwargs) -> Path:
+        import torch
+
+        from vessel_kit.models import ModelConfig, build_model, save_checkpoint
+
+        torch.manual_seed(0)
+        config = ModelConfig(arch="unet", encoder="resnet18", in_chans=in_chans, voxel_size_um=voxel_size_um,
+                             tile_size=tile_size, model_kwargs=model_kwargs)
+        return save_checkpoint(path, build_model("unet", "resnet18", in_chans=in_chans, **model_kwargs), config)
+
+    return save
 
 
 @pytest.fixture(scope="session")

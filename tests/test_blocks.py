@@ -216,17 +216,12 @@ def test_3d_patches_block_wise_equal_the_whole_volumes(volume, tmp_path, voxel_s
     np.testing.assert_array_equal(store.mask[:], run.to_mask(whole))
 
 
-def test_cli_infers_a_zarr_volume_block_by_block(volume, tmp_path):
+def test_cli_infers_a_zarr_volume_block_by_block(volume, tmp_path, random_unet):
     import zarr
 
     from vessel_kit.cli import main
-    from vessel_kit.models import ModelConfig, save_checkpoint
 
-    torch.manual_seed(0)
-    kwargs = dict(encoder_depth=3, decoder_channels=(16, 8, 4))
-    config = ModelConfig(arch="unet", encoder="resnet18", in_chans=3, normalization=PERCENTILE, voxel_size_um=50.0,
-                         tile_size=16, model_kwargs=kwargs)
-    checkpoint = save_checkpoint(tmp_path / "m.safetensors", build_model("unet", "resnet18", in_chans=3, **kwargs), config)
+    checkpoint = random_unet(tmp_path / "m.safetensors", tile_size=16, encoder_depth=3, decoder_channels=(16, 8, 4))
     zarr.create_array(str(tmp_path / "volume.zarr"), data=volume, chunks=(8, 8, 8))
     flags = ["--tta", "none", "--axes", "xy", "--voxel-size", "50", "--block", "16"]
     assert main(["infer", str(tmp_path / "volume.zarr"), str(checkpoint), "--out", str(tmp_path / "out.zarr"), "--blocks", *flags]) == 0

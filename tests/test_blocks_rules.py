@@ -189,18 +189,13 @@ def _store(folder, scores: np.ndarray, block=BLOCK):
     return store
 
 
-def test_cli_blocks_take_the_mask_rule_flags(volume, tmp_path):
+def test_cli_blocks_take_the_mask_rule_flags(volume, tmp_path, random_unet):
     import zarr
 
     from vessel_kit import infer_volume
     from vessel_kit.cli import main
-    from vessel_kit.models import ModelConfig, save_checkpoint
 
-    torch.manual_seed(0)
-    kwargs = dict(encoder_depth=3, decoder_channels=(16, 8, 4))
-    config = ModelConfig(arch="unet", encoder="resnet18", in_chans=3, normalization=Normalization("percentile"),
-                         voxel_size_um=50.0, tile_size=16, model_kwargs=kwargs)
-    checkpoint = save_checkpoint(tmp_path / "m.safetensors", build_model("unet", "resnet18", in_chans=3, **kwargs), config)
+    checkpoint = random_unet(tmp_path / "m.safetensors", tile_size=16, encoder_depth=3, decoder_channels=(16, 8, 4))
     zarr.create_array(str(tmp_path / "volume.zarr"), data=volume, chunks=(8, 8, 8))
     rules = ["--top-fraction", "0.3", "--min-component-size", "6", "--connectivity", "26"]
     flags = ["--tta", "none", "--axes", "xy", "--voxel-size", "50", "--block", "8", *rules]

@@ -69,16 +69,8 @@ def test_console_script_is_installed():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    import torch
-
-    from vessel_kit.models import ModelConfig, build_model, save_checkpoint
-    from vessel_kit.normalize import Normalization
-
-    torch.manual_seed(0)
-    config = ModelConfig(arch="unet", encoder="resnet18", in_chans=3, normalization=Normalization("percentile"),
-                         voxel_size_um=50.0, tile_size=64)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.safetensors", build_model("unet", "resnet18", in_chans=3), config)
+def checkpoint(tmp_path_factory, random_unet):
+    return random_unet(tmp_path_factory.mktemp("ckpt") / "m.safetensors")
 
 
 @pytest.fixture

@@ -29,10 +29,8 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = ModelConfig(arch="unet", encoder="resnet18", in_chans=1, voxel_size_um=50.0, tile_size=64)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.safetensors", build_model("unet", "resnet18", in_chans=1), config)
+def checkpoint(tmp_path_factory, random_unet):
+    return random_unet(tmp_path_factory.mktemp("ckpt") / "m.safetensors", in_chans=1)
 
 
 def rows(path) -> dict[str, str]:

@@ -9,7 +9,7 @@ pass reads them), and then this pass rewrites every block's mask so that it equa
 ``to_mask`` of the whole volume, voxel for voxel:
 
 - **top fraction**: a histogram of the float16 bit patterns of the stored logits, block by block
-  (the in-memory rule's own ``_order_keys``), gives the same cut key, so the same voxels, ties
+  (the in-memory rule's own ``postprocess.top_fraction_key``), gives the same cut key, so the same voxels, ties
   included (every voxel of the cut value is kept, as in memory).
 - **components** (hysteresis seeds, sizes): each block's mask is labelled alone
   (``scipy.ndimage.label`` with the neighbourhood of ``postprocess``); its per-label sizes, seed
@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -51,8 +50,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_output
 from .blocks import block_regions
 from .calibration import logit
-from .postprocess import _NEIGHBOURHOODS
-from .predictor import _order_keys
+from .postprocess import neighbourhood_structure, order_keys, top_fraction_key
 from .regions import Region
 
 __all__ = ["MaskRules", "finish_masks", "split_rules"]
@@ -165,7 +163,7 @@ class _SecondPass:
             high, low = self.rules.hysteresis
             return logits > logit(low), logits > logit(high)  # as hysteresis_threshold compares them
         if self.cut_key is not None:
-            return _order_keys(logits) >= self.cut_key, None
+            return order_keys(logits) >= self.cut_key, None
         return logits > np.float16(logit(self.rules.threshold)), None
 
     def _mask(self, index: tuple[int, ...], region: Region, stages: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -181,16 +179,13 @@ class _SecondPass:
     # a top fraction's cut
 
     def _top_fraction_key(self) -> int:
-        """The float16 order key of the cut: as ``predictor._threshold`` finds it, from a histogram."""
+        """The float16 order key of the cut, as the in-memory rule finds it (``top_fraction_key``)."""
         record = self.folder / "top_fraction.json"
         if record.exists():
             return json.loads(record.read_text())["key"]
-        counts = np.zeros(65536, dtype=np.int64)
-        for region in tqdm(self.grid.values(), desc="mask rules: top fraction", unit="block", disable=not self.progress):
-            counts += np.bincount(_order_keys(np.asarray(self.store.logits[region])).ravel(), minlength=65536)
-        wanted = math.ceil(self.rules.top_fraction * int(np.prod(self.store.shape)))
-        above = np.cumsum(counts[::-1])[::-1]
-        key = int(np.flatnonzero(above >= wanted).max()) if wanted > 0 else 65536
+        regions = tqdm(self.grid.values(), desc="mask rules: top fraction", unit="block", disable=not self.progress)
+        key = top_fraction_key((np.asarray(self.store.logits[region]) for region in regions),
+                               int(np.prod(self.store.shape)), self.rules.top_fraction)
         with atomic_output(record) as tmp:
             tmp.write_text(json.dumps({"key": key}))
         return key
@@ -280,24 +275,14 @@ class _SecondPass:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _structure(connectivity: int | None) -> np.ndarray:
-    """The 3x3x3 neighbourhood of ``postprocess``'s connectivity (its in-plane and cross-slice steps)."""
-    in_plane, shifts = _NEIGHBOURHOODS[connectivity]
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = True if in_plane == 8 else [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
-    for dy, dx in shifts:
-        structure[2, 1 + dy, 1 + dx] = structure[0, 1 - dy, 1 - dx] = True
-    return structure
-
-
 def _offsets(connectivity: int | None) -> list[tuple[int, int, int]]:
-    return [tuple(int(i) - 1 for i in step) for step in np.argwhere(_structure(connectivity)) if (step != 1).any()]
+    return [tuple(int(i) - 1 for i in step) for step in np.argwhere(neighbourhood_structure(connectivity)) if (step != 1).any()]
 
 
 def _label(mask: np.ndarray, connectivity: int | None) -> tuple[np.ndarray, int]:
     from scipy.ndimage import label
 
-    labels, count = label(mask, structure=_structure(connectivity))
+    labels, count = label(mask, structure=neighbourhood_structure(connectivity))
     return labels, int(count)
 
 

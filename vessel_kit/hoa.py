@@ -51,7 +51,7 @@ def open_hoa(
         ValueError: an unknown name (the closest names listed), a level out of range, a level
             missing from the store, or an array that is not a 3D uint8/uint16/float32 volume.
     """
-    from .ome_zarr import Level, _choose_level, open_volume
+    from .ome_zarr import Level, choose_level, open_volume
 
     dataset = _dataset(name)
     base = float(dataset.data.voxel_size_um if voxel_size_um is None else voxel_size_um)
@@ -59,7 +59,7 @@ def open_hoa(
         raise ValueError(f"voxel_size_um must be a positive number of micrometres, got {voxel_size_um}")
     levels = [Level(str(k), 2.0**k, base * 2**k) for k in range(LEVELS)]
     where = f"{HOA_PREFIX}{name}"
-    index = _choose_level(levels, base, level, model_voxel_size_um, where)  # type: ignore[arg-type]
+    index = choose_level(levels, base, level, model_voxel_size_um, where)  # type: ignore[arg-type]
     try:
         array = dataset.data_array(downsample_level=index).data
     except KeyError as error:

@@ -37,7 +37,9 @@ from .n5 import N5Array, is_n5, read_attributes
 from .regions import check_region
 from .sources import ArraySource, Region3, TiffStackSource, VolumeSource, as_source
 
-__all__ = ["DTYPES", "StoreSource", "is_volume_store", "open_volume", "require_voxel_size", "UNITS_UM"]
+__all__ = [
+    "DTYPES", "Level", "StoreSource", "UNITS_UM", "choose_level", "is_volume_store", "open_volume", "require_voxel_size",
+]
 
 DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 # Micrometres per unit, for OME-Zarr axis units (UDUNITS names) and the short forms N5 uses.
@@ -125,7 +127,7 @@ def open_volume(
     else:
         return _tiff_volume(path, voxel_size_um, level)
     base = _base_voxel_size(levels, voxel_size_um, path)
-    index = _choose_level(levels, base, level, model_voxel_size_um, path)
+    index = choose_level(levels, base, level, model_voxel_size_um, path)
     sizes = [None if base is None else base * lv.factor for lv in levels]
     data, axes = array(levels[index].path)
     return StoreSource(_spatial(data, axes, path), path, index, sizes, sizes[index])
@@ -286,7 +288,9 @@ def _base_voxel_size(levels: list[Level], voxel_size_um: float | None, path: Pat
     return levels[0].voxel_size_um if levels[0].voxel_size_um is not None else named_voxel_size(path)
 
 
-def _choose_level(levels: list[Level], base: float | None, level: int | None, model_um: float | None, path: Path) -> int:
+def choose_level(levels: list[Level], base: float | None, level: int | None, model_um: float | None, path: Path) -> int:
+    """The pyramid level to read: ``level`` (checked), else the one nearest ``model_um`` in ratio
+    (``base`` is level 0's voxel size), else 0. ``path`` names the volume in errors."""
     if level is not None:
         if not (isinstance(level, int) and 0 <= level < len(levels)):
             raise ValueError(f"{path} has levels 0-{len(levels) - 1}, got level={level}")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import math
+
 import cv2
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -30,7 +32,10 @@ from .hull import ball_dilated_slices
 # logits resampled on the fly): the functions below read the slices several times.
 Slices = np.ndarray | Callable[[], Iterable[np.ndarray]]
 
-__all__ = ["CONNECTIVITIES", "hull_gate", "hysteresis_threshold", "remove_small_components"]
+__all__ = [
+    "CONNECTIVITIES", "hull_gate", "hysteresis_threshold", "neighbourhood_structure", "order_keys",
+    "remove_small_components", "top_fraction_key",
+]
 
 # connectivity -> (in-plane cv2 connectivity, (dy, dx) offsets that join a pixel to the slice below)
 _NEIGHBOURHOODS: dict[int | None, tuple[int, tuple[tuple[int, int], ...]]] = {
@@ -123,6 +128,38 @@ def hysteresis_threshold(
     for z in range(shape[0]):
         out[z] = keep[_global_labels(out[z], offsets[z])]
     return out
+
+
+def neighbourhood_structure(connectivity: int | None) -> np.ndarray:
+    """The 3x3x3 bool neighbourhood of ``connectivity`` (its in-plane and cross-slice steps), for
+    labelling a whole block at once (``scipy.ndimage.label``) exactly as the streamed rules join."""
+    if connectivity not in _NEIGHBOURHOODS:
+        raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity!r}")
+    in_plane, shifts = _NEIGHBOURHOODS[connectivity]
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True if in_plane == 8 else [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    for dy, dx in shifts:
+        structure[2, 1 + dy, 1 + dx] = structure[0, 1 - dy, 1 - dx] = True
+    return structure
+
+
+def order_keys(values: np.ndarray) -> np.ndarray:
+    """uint16 keys ordered like the float16 values (negative ones reversed), for exact histograms."""
+    bits = np.asarray(values, dtype=np.float16).view(np.uint16)
+    negative = bits >= 0x8000
+    return np.where(negative, ~bits, bits | 0x8000).astype(np.uint16)
+
+
+def top_fraction_key(logit_blocks: Iterable[np.ndarray], voxels: int, fraction: float) -> int:
+    """The ``order_keys`` cut that keeps the top ``fraction`` of ``voxels`` logits, read in any
+    pieces (slices, blocks): keep the keys >= it. From a histogram of the float16 bit patterns, so
+    exact; every voxel of the cut value is kept (ties whole)."""
+    counts = np.zeros(65536, dtype=np.int64)
+    for logits in logit_blocks:
+        counts += np.bincount(order_keys(logits).ravel(), minlength=65536)
+    wanted = math.ceil(fraction * voxels)
+    above = np.cumsum(counts[::-1])[::-1]  # above[k] = voxels with key >= k
+    return int(np.flatnonzero(above >= wanted).max()) if wanted > 0 else 65536
 
 
 def _slices(scores: Slices) -> Iterable[np.ndarray]:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import os
 import queue
 import threading
@@ -68,7 +67,7 @@ from .infer_config import InferConfig
 from .models import compile_model
 from .normalize import Normalization, Window
 from .hull import hull_slices, sum_rule_slices
-from .postprocess import hysteresis_threshold, mask_output, remove_small_components
+from .postprocess import hysteresis_threshold, mask_output, order_keys, remove_small_components, top_fraction_key
 from .regions import Region, check_region, region_shape
 from .resample import ResampledSource, resample_region, resample_volume, resampled_slices, scaled_shape, source_span
 from .sources import ArraySource, VolumeSource, as_source, read_planes
@@ -806,22 +805,10 @@ def _threshold(logit_slices, shape, threshold: float, top_fraction: float | None
         for z, logits in enumerate(logit_slices()):
             np.greater(logits, cut, out=out[z])
         return out
-    counts = np.zeros(65536, dtype=np.int64)
-    for logits in logit_slices():
-        counts += np.bincount(_order_keys(logits).ravel(), minlength=65536)
-    wanted = math.ceil(top_fraction * int(np.prod(shape)))
-    above = np.cumsum(counts[::-1])[::-1]  # above[k] = voxels with key >= k
-    key = int(np.flatnonzero(above >= wanted).max()) if wanted > 0 else 65536
+    key = top_fraction_key(logit_slices(), int(np.prod(shape)), top_fraction)
     for z, logits in enumerate(logit_slices()):
-        np.greater_equal(_order_keys(logits), key, out=out[z])
+        np.greater_equal(order_keys(logits), key, out=out[z])
     return out
-
-
-def _order_keys(values: np.ndarray) -> np.ndarray:
-    """uint16 keys ordered like the float16 values (negative ones reversed), for exact histograms."""
-    bits = np.asarray(values, dtype=np.float16).view(np.uint16)
-    negative = bits >= 0x8000
-    return np.where(negative, ~bits, bits | 0x8000).astype(np.uint16)
 
 
 # --- checks and small helpers ------------------------------------------------------------------
