@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from vessel_kit.postprocess import hull_gate, hysteresis_threshold, remove_small_components
+from vessel_kit.postprocess import (
+    hull_gate,
+    hysteresis_threshold,
+    neighbourhood_structure,
+    order_keys,
+    remove_small_components,
+    top_fraction_key,
+)
 
 # 8-connected within a slice, face-connected across slices.
 STRUCTURE = np.zeros((3, 3, 3), bool)
@@ -90,6 +97,24 @@ def test_3d_connectivities_match_scipy(connectivity, seed):
     keep = sizes >= 6
     keep[0] = False
     np.testing.assert_array_equal(remove_small_components(mask, 6, connectivity=connectivity), keep[labels])
+
+
+def test_neighbourhood_structures_are_the_connectivities_of_the_streamed_rules():
+    np.testing.assert_array_equal(neighbourhood_structure(None), STRUCTURE)
+    for connectivity, rank in ((6, 1), (18, 2), (26, 3)):
+        np.testing.assert_array_equal(neighbourhood_structure(connectivity), ndimage.generate_binary_structure(3, rank))
+    with pytest.raises(ValueError, match=r"connectivity must be one of \(None, 6, 18, 26\), got 10"):
+        neighbourhood_structure(10)
+
+
+def test_top_fraction_key_keeps_exactly_the_top_voxels_ties_whole():
+    values = np.array([-3.0, -0.5, 0.0, 0.25, 0.25, 2.0, 7.0, 7.0], dtype=np.float16)
+    assert list(np.argsort(order_keys(values), kind="stable")) == list(np.argsort(values, kind="stable"))
+    pieces = [values[:3], values[3:]]  # read in pieces, as slices or blocks
+    assert order_keys(values)[order_keys(values) >= top_fraction_key(pieces, len(values), 0.25)].size == 2
+    assert (order_keys(values) >= top_fraction_key(pieces, len(values), 0.3)).sum() == 3  # ceil(2.4) voxels
+    assert (order_keys(values) >= top_fraction_key(pieces, len(values), 0.5)).sum() == 5  # 4 asked: both 0.25 kept
+    assert top_fraction_key(pieces, len(values), 0.0) == 65536  # nothing kept
 
 
 def test_diagonal_neighbours_across_slices_join_only_with_26():
