@@ -39,7 +39,7 @@ import _common  # noqa: E402
 REAL_DEFAULT = "/work/shared/data/real/kidney_3_dense_labels"
 REAL_VOXEL_UM = 50.16
 # The training and test shapes of the demo dataset (vessel_kit.synth.SYNTHETIC_VOLUMES, scale 1).
-SHAPES = ((96, 256, 256), (64, 256, 224), (80, 224, 256))
+SHAPES = ((96, 256, 256), (64, 256, 224), (80, 224, 256), (40, 160, 160))
 HEADERS = ("source", "slices", "fraction %", "width p10 µm", "p50", "p90", "max",
            "components/slice", "components/MP")
 

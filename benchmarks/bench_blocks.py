@@ -15,9 +15,12 @@ by the parent to a zarr array (chunks 32^3) that every child reads lazily.
    by both, so the overhead falls with block side / tile step: about (1 + step / block) per
    in-plane side a block cuts.
 3. Scaling. ``infer_blocks(executor="dask", workers=N)`` for N = 1, 2 (LocalCluster, one thread
-   per worker, torch.set_num_threads(1) in each worker): throughput ratio (goal >= 1.7x on 2 idle
-   cores), and the workers' CPU seconds (user + system), which show the work each worker count
-   adds whatever else holds the cores.
+   per worker, where infer_blocks sets one torch thread): throughput ratio (goal >= 1.7x on 2 idle
+   cores), the workers' CPU seconds (user + system), which show the work each worker count adds
+   whatever else holds the cores, and the cores they kept busy (CPU s / wall s). ``--prefetch``:
+   the ``InferConfig.prefetch`` of these runs: auto (None, the library's default: off in these
+   one-thread CPU workers, batches prepared in the model's thread), on (a background thread
+   prepares the next batch: ~1.1 cores per worker), off, or both (off, then on).
 4. Memory. A blocked run on a LocalCluster of one worker, on volumes of 1x, 4x and 16x the
    voxels at one block size, axis xy: the worker's peak RSS above its RSS after the imports (its
    RSS high-water mark, reset then; see _common.py). The models and the blocks' data are all
@@ -28,6 +31,7 @@ Each part runs in its own child process (``_common.run_child``) with ``OMP_NUM_T
     python benchmarks/bench_blocks.py                 # ~10 min on 2 idle cores
     python benchmarks/bench_blocks.py --quick         # ~2 min: smaller volumes
     python benchmarks/bench_blocks.py --parts equivalence,overhead --json out.json
+    python benchmarks/bench_blocks.py --parts scaling --prefetch both   # the scaling with prefetch off and on
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 PARTS = ("equivalence", "overhead", "scaling", "memory")
+PREFETCH = {"auto": None, "on": True, "off": False}  # --prefetch -> InferConfig.prefetch; "both": off, then on
 TILE = 32
 OPTIONS = dict(tile_size=TILE, overlap=0.5, batch_size=16, min_plane_side=8)
 SIZES = {  # part -> (default shape(s), quick shape(s))
@@ -141,23 +146,27 @@ def child_scaling(args) -> dict:
     from vessel_kit.infer_config import InferConfig
 
     ensemble = build_ensemble()
-    config = InferConfig(tta="none", axes=("xy", "xz", "yz"), progress=False, **OPTIONS)
     rows = []
-    for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
-            client.run(_warm_worker)
-            cpu_before = sum(client.run(_cpu_seconds).values())
-            start = time.perf_counter()
-            infer_blocks(args.volume, ensemble, Path(args.work) / f"scale_{workers}.zarr", config=config, block=args.block,
-                         chunks=32, executor="dask", scheduler=cluster.scheduler_address, progress=False, pyramid=False)
-            seconds = time.perf_counter() - start
-            rows.append({"workers": workers, "seconds": seconds,
-                         "worker_cpu_s": sum(client.run(_cpu_seconds).values()) - cpu_before})
+    for mode in ("off", "on") if args.prefetch == "both" else (args.prefetch,):
+        config = InferConfig(tta="none", axes=("xy", "xz", "yz"), progress=False, prefetch=PREFETCH[mode], **OPTIONS)
+        for workers in (1, 2):
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                    Client(cluster) as client:
+                client.run(_warm_worker)
+                cpu_before = sum(client.run(_cpu_seconds).values())
+                start = time.perf_counter()
+                infer_blocks(args.volume, ensemble, Path(args.work) / f"scale_{mode}_{workers}.zarr", config=config,
+                             block=args.block, chunks=32, executor="dask", scheduler=cluster.scheduler_address,
+                             progress=False, pyramid=False)
+                seconds = time.perf_counter() - start
+                rows.append({"prefetch": mode, "workers": workers, "seconds": seconds,
+                             "worker_cpu_s": sum(client.run(_cpu_seconds).values()) - cpu_before})
     voxels = _voxels(args.volume)
     for row in rows:
+        one_worker = next(other for other in rows if other["prefetch"] == row["prefetch"])
         row["mvoxel_per_s"] = voxels / row["seconds"] / 1e6
-        row["speedup"] = rows[0]["seconds"] / row["seconds"]
+        row["speedup"] = one_worker["seconds"] / row["seconds"]
+        row["cores_busy"] = row["worker_cpu_s"] / row["seconds"]
     return {"block": args.block, "rows": rows}
 
 
@@ -183,13 +192,10 @@ def child_memory(args) -> dict:
 
 
 def _warm_worker() -> None:
-    """One torch thread, and the imports a block needs done before the clock starts."""
-    import torch
-
+    """The imports a block needs, done before the clock starts (infer_blocks itself sets one
+    torch thread in these one-thread workers)."""
     import vessel_kit.blocks
     import vessel_kit.predictor  # noqa: F401
-
-    torch.set_num_threads(1)
 
 
 def _cpu_seconds() -> float:
@@ -233,6 +239,9 @@ def main(argv=None) -> int:
                         help="the overhead part's volume Z x Y x X (default 64x192x192; --quick 32x64x64)")
     parser.add_argument("--scaling-shape", type=lambda text: _common.parse_shape(text, 3), default=None,
                         help="the scaling part's volume Z x Y x X (default 32x128x128: 16 blocks of 32)")
+    parser.add_argument("--prefetch", choices=(*PREFETCH, "both"), default="auto",
+                        help="the scaling part's InferConfig.prefetch: auto (the library's default, off in one-thread "
+                             "CPU workers), on, off, or both (off, then on)")
     parser.add_argument("--overhead-blocks", default=None,
                         help="the overhead part's block sides, comma separated (default 64,96; --quick 32,64)")
     parser.add_argument("--volume", help=argparse.SUPPRESS)
@@ -269,7 +278,8 @@ def main(argv=None) -> int:
                 blocks = args.overhead_blocks or ("32,64" if args.quick else "64,96")
                 results[part] = _run(part, write_volume(args.overhead_shape or shapes, folder), folder, blocks=blocks)
             else:
-                results[part] = _run(part, write_volume(args.scaling_shape or shapes, folder), folder, block=32)
+                results[part] = _run(part, write_volume(args.scaling_shape or shapes, folder), folder, block=32,
+                                     prefetch=args.prefetch)
             print(f"{part}: done", flush=True)
     table = format_table(results)
     print(table)
@@ -305,10 +315,11 @@ def format_table(results: dict) -> str:
         lines += ["", f"| overhead on {tuple(results['overhead']['shape'])} | seconds | / infer_volume |", "|---|---|---|"]
         lines += [f"| {row['run']} | {row['seconds']:.1f} | {row['ratio']:.2f}x |" for row in results["overhead"]["rows"]]
     if "scaling" in results:
-        lines += ["", f"| dask workers (block {results['scaling']['block']}) | seconds | Mvoxel/s | speed-up | "
-                  "workers' CPU s |", "|---|---|---|---|---|"]
-        lines += [f"| {row['workers']} | {row['seconds']:.1f} | {row['mvoxel_per_s']:.3f} | {row['speedup']:.2f}x | "
-                  f"{row.get('worker_cpu_s', float('nan')):.1f} |" for row in results["scaling"]["rows"]]
+        lines += ["", f"| prefetch | dask workers (block {results['scaling']['block']}) | seconds | Mvoxel/s | speed-up | "
+                  "workers' CPU s | cores busy |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {row['prefetch']} | {row['workers']} | {row['seconds']:.1f} | {row['mvoxel_per_s']:.3f} | "
+                  f"{row['speedup']:.2f}x | {row['worker_cpu_s']:.1f} | {row['cores_busy']:.2f} |"
+                  for row in results["scaling"]["rows"]]
     if "memory" in results:
         rows = results["memory"]
         lines += ["", "| memory: voxels | x first | seconds | peak RSS above baseline (MiB) | x first |", "|---|---|---|---|---|"]

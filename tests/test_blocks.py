@@ -150,6 +150,49 @@ def test_dask_run_survives_a_killed_worker(volume, model, tmp_path):
     assert store.done_blocks() == {index for index, _ in block_regions(SHAPE, (16, 16, 16))}
 
 
+@pytest.fixture
+def torch_threads():
+    """torch's intra-op thread count, restored after the test."""
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("nthreads, given, prefetch, torch_threads_after", [
+    (1, None, False, 1),      # a one-thread CPU worker: one core
+    (1, True, True, 1),       # an explicit prefetch is kept; torch still runs one thread
+    (2, None, None, "kept"),  # a worker with two threads: nothing changes
+    (None, None, None, "kept"),  # no worker (serial): nothing changes
+])
+def test_one_thread_cpu_workers_use_one_core(monkeypatch, torch_threads, nthreads, given, prefetch, torch_threads_after):
+    import vessel_kit.blocks as blocks
+
+    torch.set_num_threads(2)
+    worker = None if nthreads is None else type("Worker", (), {"name": 0, "state": type("State", (), {"nthreads": nthreads})})()
+    monkeypatch.setattr(blocks, "_dask_worker", lambda: worker)
+    config = blocks._process_config(InferConfig(device="cpu", prefetch=given, progress=False))
+    assert config.prefetch is prefetch and config.device == "cpu"
+    assert torch.get_num_threads() == (2 if torch_threads_after == "kept" else torch_threads_after)
+
+
+@pytest.mark.slow
+def test_a_one_worker_local_cluster_equals_serial_with_one_core(volume, model, tmp_path):
+    """A LocalCluster of one one-thread worker (as infer_blocks starts): the worker's Predictor
+    prepares batches inline on one torch thread, and the store equals the serial one."""
+    distributed = pytest.importorskip("distributed")
+    import vessel_kit.blocks as blocks
+
+    kwargs = dict(block=16, chunks=8, progress=False, pyramid=False, logits=True, **FAST)
+    serial = infer_blocks(volume, model, tmp_path / "serial.zarr", **kwargs)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        store = infer_blocks(volume, model, tmp_path / "dask.zarr", executor="dask", scheduler=cluster, **kwargs)
+        seen = client.run(lambda: [(p.config.prefetch, torch.get_num_threads()) for p in blocks._LOADED.values()])
+    assert list(seen.values()) == [[(False, 1)]]
+    np.testing.assert_array_equal(store.mask[:], serial.mask[:])
+    np.testing.assert_array_equal(store.logits[:], serial.logits[:])
+
+
 def test_bad_input_is_refused_by_name(volume, model, tmp_path):
     kwargs = dict(block=16, chunks=8, progress=False, **FAST)
     with pytest.raises(ValueError, match="no voxel size.*voxel_size_um=UM"):

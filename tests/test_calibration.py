@@ -1,4 +1,4 @@
-"""Threshold calibration on validation logits, and the threshold a checkpoint carries into inference."""
+"""Output calibration on validation logits (threshold, then smallest component kept), and what a checkpoint carries into inference."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from vessel_kit.calibration import calibrate_threshold, threshold_scores
+from vessel_kit.calibration import (COMPONENT_SIZE_GRID, calibrate_min_component_size, calibrate_threshold,
+                                    scaled_component_size, threshold_scores)
 from vessel_kit.infer import infer_volume, load_ensemble
 from vessel_kit.metric import surface_dice
 from vessel_kit.models import ModelConfig, build_model_from_config, read_checkpoint_metadata, save_checkpoint
 from vessel_kit.normalize import Normalization
+from vessel_kit.validation import ValidationCase, validate
 
 
 def logit(p: float) -> float:
@@ -86,3 +88,86 @@ def test_inference_uses_the_calibrated_threshold_unless_told_otherwise():
         calibrated = infer_volume(volume, ensemble, **common)
     assert calibrated.sum() == 4 * 10 * 10
     assert infer_volume(volume, ensemble, threshold=0.5, **common).sum() == 0
+
+
+# --- the smallest component kept ----------------------------------------------------------------
+
+
+def speckled(shape=(10, 40, 40), seed=0):
+    """(truth: one 6x10x10 box, mask: the box plus 12 one-voxel specks away from it)."""
+    truth = np.zeros(shape, bool)
+    truth[2:8, 5:15, 5:15] = True
+    mask = truth.copy()
+    rng = np.random.default_rng(seed)
+    for z, y, x in zip(rng.integers(0, shape[0], 12), rng.integers(20, shape[1], 12), rng.integers(20, shape[2], 12)):
+        mask[z, y, x] = True
+    return truth, mask
+
+
+def test_component_calibration_removes_speckle_and_keeps_small_true_vessels():
+    truth, mask = speckled()
+    size, scores = calibrate_min_component_size([mask], [truth])
+    assert scores.shape == (len(COMPONENT_SIZE_GRID), 1)
+    assert size == 10  # the smallest size that drops every speck; 1000 would drop the 600-voxel box too
+    assert scores[COMPONENT_SIZE_GRID.index(10), 0] == 1.0 > scores[0, 0]
+    assert scores[COMPONENT_SIZE_GRID.index(1000), 0] == 0.0
+    # true vessels as small as the specks: removing anything costs, so nothing is removed
+    assert calibrate_min_component_size([mask], [mask])[0] == 0
+
+
+def test_component_sizes_count_model_voxels_and_scale_to_the_volume():
+    assert scaled_component_size(100, 0.5) == 50
+    assert scaled_component_size(10, 0.01) == 2  # a size > 1 never becomes "keep all"
+    assert scaled_component_size(0, 8.0) == 0 and scaled_component_size(1, 8.0) == 1
+    truth, mask = speckled()
+    # a mask 8x coarser than the model counts 1000 model voxels as 125 of its own: the box stays
+    size, scores = calibrate_min_component_size([mask], [truth], voxel_ratios=[1 / 8], grid=(0, 1000))
+    assert size == 1000 and scores[1, 0] == 1.0
+    with pytest.raises(ValueError, match="as many masks as truths and voxel ratios"):
+        calibrate_min_component_size([mask], [truth], voxel_ratios=[1.0, 1.0])
+    with pytest.raises(ValueError, match="component sizes must be ints >= 0"):
+        calibrate_min_component_size([mask], [truth], grid=(0, -5))
+
+
+def test_validation_calibrates_the_smallest_component_at_its_threshold():
+    truth, mask = speckled()
+    case = ValidationCase("speckled", mask.astype(np.float32), truth, None)
+    record = validate(Affine(), [case], in_chans=1, normalization=Normalization("unit"), model_voxel_size_um=None,
+                      device=torch.device("cpu"), component_sizes=COMPONENT_SIZE_GRID)
+    assert record["val_min_component_size"] == 10
+    assert record["val_surface_dice_cleaned"] == record["val_surface_dice_cleaned_speckled"] == 1.0
+    assert record["val_surface_dice"] < 1.0  # the specks cost before they are removed
+    assert "val_min_component_size" not in validate(Affine(), [case], in_chans=1, normalization=Normalization("unit"),
+                                                    model_voxel_size_um=None, device=torch.device("cpu"))
+
+
+def test_checkpoint_carries_its_smallest_component_and_an_ensemble_keeps_the_least_removal(tmp_path):
+    config = ModelConfig(arch="unet", encoder="resnet18", in_chans=1, normalization=Normalization("unit"), tile_size=32)
+    model = build_model_from_config(config)
+    paths = [save_checkpoint(tmp_path / f"{size}.safetensors", model, config, threshold=0.5, min_component_size=size)
+             for size in (30, 100, None)]
+    assert [read_checkpoint_metadata(path)["min_component_size"] for path in paths] == [30, 100, None]
+    assert load_ensemble(paths).min_component_size == 30
+    assert load_ensemble(paths[1:]).min_component_size == 100
+    assert load_ensemble(paths[2]).min_component_size is None
+    assert load_ensemble(paths, weights=[0, 1, 1]).min_component_size == 100  # a weightless member has no say
+    with pytest.raises(ValueError, match="min_component_size must be an int >= 0"):
+        save_checkpoint(tmp_path / "bad.safetensors", model, config, min_component_size=-1)
+
+
+def test_inference_removes_components_under_the_calibrated_size_scaled_to_the_volume():
+    truth, mask = speckled((12, 48, 48))
+    volume = mask.astype(np.float32)
+    volume[8:11, 40:43, 4:7] = 1.0  # a 27-voxel blob: under 80 voxels, over 10
+    ensemble = load_ensemble(Affine(), in_chans=1, normalization=Normalization("unit"))
+    ensemble.threshold, ensemble.min_component_size, ensemble.voxel_size_um = 0.2, 80, 50.0
+    common = dict(axes=("xy",), tta="none", progress=False)
+    kept = infer_volume(volume, ensemble, min_component_size=0, voxel_size_um=50.0, **common)
+    assert kept.sum() > truth.sum()  # the specks pass the threshold
+    at_50 = infer_volume(volume, ensemble, voxel_size_um=50.0, **common)
+    assert np.array_equal(at_50, infer_volume(volume, ensemble, min_component_size=80, voxel_size_um=50.0, **common))
+    assert np.array_equal(at_50, truth)
+    # at 100 µm the volume is predicted at 2x its size, where 80 model voxels are 10 of its own
+    at_100 = infer_volume(volume, ensemble, voxel_size_um=100.0, **common)
+    assert np.array_equal(at_100, infer_volume(volume, ensemble, min_component_size=10, voxel_size_um=100.0, **common))
+    assert not np.array_equal(at_100, infer_volume(volume, ensemble, min_component_size=80, voxel_size_um=100.0, **common))

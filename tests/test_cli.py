@@ -53,7 +53,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--scale", "0.3", "--quick"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"kidney_5\s+0\.\d{4}", out) and re.search(r"kidney_6\s+0\.\d{4}", out)
-    assert re.search(r"kidney_6: best threshold 0\.\d\d would give 0\.\d{4} \(predicted, 63\.08 µm\)", out)
+    assert re.search(r"calibrated threshold 0\.\d+, components under \d+ voxels", out)
+    assert re.search(r"kidney_6: best threshold 0\.\d\d, no components removed, would give 0\.\d{4} \(predicted, 63\.08 µm\)", out)
     assert "qc.png" in out
     demo = tmp_path / "demo"
     assert (demo / "submission.csv").is_file() and (demo / "run" / "best.safetensors").is_file()

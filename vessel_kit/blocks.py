@@ -19,6 +19,10 @@ Executors: ``"serial"`` (this process), or ``"dask"``: a ``LocalCluster`` of ``w
 with one thread each (one GPU each as the dask resource ``GPU`` when CUDA is there), or the
 cluster behind ``scheduler`` (an address such as ``tcp://host:8786``, or a dask-jobqueue cluster
 object). The models are loaded once per worker process (``_Models.predictor``), not per block.
+A dask worker with one thread that runs the models on the CPU uses one core: torch gets one
+intra-op thread, and the batches are prepared in the model's thread (``InferConfig.prefetch``
+None, the default, becomes False there; an explicit True or False is kept), so N such workers
+keep N cores busy, not N x ~1.1 (``_process_config``).
 
 Example::
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -88,7 +93,10 @@ def infer_blocks(
         executor: "serial" or "dask"; ``workers``: LocalCluster processes (default 1);
             ``scheduler``: an existing cluster's address or cluster object instead; ``resources``:
             the dask resources a block needs (default: ``{"GPU": 1}`` when the workers advertise
-            a GPU resource, as the LocalCluster's do on a CUDA machine).
+            a GPU resource, as the LocalCluster's do on a CUDA machine). In a worker with one
+            thread (the LocalCluster's, or ``--nthreads 1``) that runs on the CPU, torch runs one
+            thread and ``prefetch`` (unless the config sets it) is False: one core per worker.
+            Serially, and on GPU or multi-thread workers, ``prefetch`` None means True.
         retries: how many times a failing block is retried (serially, or by dask).
         logits: also store the float16 logits (always, with a non-local mask rule: its second
             pass reads them); pyramid: build the multiscale levels at the end.
@@ -100,11 +108,12 @@ def infer_blocks(
             chunks, options with no block-wise form), naming what and the fix.
         ImportError: ``executor="dask"`` without dask.distributed installed.
     """
-    from .blocks_rules import finish_masks, split_rules
+    from .blocks_rules import finish_masks, split_rules, with_component_size
+    from .calibration import scaled_component_size
     from .infer_config import InferConfig
     from .ome_zarr import DTYPES, open_volume
     from .ome_zarr_out import create_output
-    from .predictor import Predictor
+    from .predictor import Predictor, voxel_ratio
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
@@ -114,7 +123,6 @@ def infer_blocks(
     if options:
         config = config.replace(**options)
     config, rules = split_rules(config)  # the first pass thresholds; the rules' pass rewrites the masks
-    logits = logits or rules is not None
     run_models = _Models(models, config.replace(progress=False), uuid.uuid4().hex)
     # serial: this process' Predictor runs the blocks; dask: the workers', and this one (on the CPU
     # unless a device is set) only checks the models and samples the intensity window
@@ -129,6 +137,9 @@ def infer_blocks(
         raise ValueError(f"{volume!r} has no voxel size, and the models were trained at {model_voxel_um} µm: pass "
                          "voxel_size_um=UM (--voxel-size UM), the volume's voxel size, so it is resampled exactly as "
                          "infer_volume would")
+    ratio = voxel_ratio(volume.shape, volume.voxel_size_um, model_voxel_um)
+    rules = with_component_size(rules, scaled_component_size(predictor.ensemble.min_component_size or 0, ratio))
+    logits = logits or rules is not None
     chunk_shape = _sides(chunks, "chunks")
     block_shape = _block_shape(_sides(block, "block"), chunk_shape, volume.shape)
     store = create_output(out, volume.shape, voxel_size_um=volume.voxel_size_um, chunks=chunk_shape, logits=logits,
@@ -172,12 +183,12 @@ class _Models:
     token: str
 
     def predictor(self) -> Any:
-        """This process' Predictor of these models, made on first use."""
+        """This process' Predictor of these models, made on first use (``_process_config``)."""
         if self.token not in _LOADED:
             from .predictor import Predictor
 
             _LOADED.clear()
-            _LOADED[self.token] = Predictor(self.models, self.config.replace(device=_worker_device(self.config.device)))
+            _LOADED[self.token] = Predictor(self.models, _process_config(self.config))
         return _LOADED[self.token]
 
 
@@ -288,17 +299,53 @@ def _check_block_record(store: Any, block: tuple[int, int, int]) -> None:
     store.root.update_attributes({_BLOCKS_ATTRIBUTE: list(block)})
 
 
+def _process_config(config: Any) -> Any:
+    """``config`` for this process: the worker's own GPU (``_worker_device``); and in a dask
+    worker with one thread on the CPU, one core: torch on one intra-op thread, and unless the
+    config says otherwise, batches prepared in the model's thread (``prefetch=False``: the
+    background thread would keep ~1.1 cores busy per worker). Elsewhere ``config`` as given."""
+    import torch
+
+    config = config.replace(device=_worker_device(config.device))
+    worker = _dask_worker()
+    if worker is None or worker.state.nthreads != 1 or not _on_cpu(config.device):
+        return config
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return config if config.prefetch is not None else config.replace(prefetch=False)
+
+
+def _on_cpu(device: Any) -> bool:
+    """Whether an ``InferConfig.device`` runs on the CPU only (None: on the CPU when no CUDA
+    device works, as ``usable_devices`` decides for the Predictor)."""
+    import torch
+
+    from .devices import usable_devices
+
+    names = None if device is None else [str(d) for d in device] if isinstance(device, (list, tuple)) else str(device)
+    return all(torch.device(name).type == "cpu" for name in usable_devices(names, log=lambda message: None))
+
+
 def _worker_device(device: Any) -> Any:
     """``device``, or for a dask worker without one and several GPUs, the worker's own GPU
     (LocalCluster workers are named 0, 1, ...)."""
-    if device is not None:
+    worker = None if device is not None else _dask_worker()
+    if worker is None:
         return device
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{int(worker.name) % count}" if count > 1 and str(worker.name).isdigit() else None
+
+
+def _dask_worker() -> Any:
+    """The dask worker running this task, or None (not in a dask task, or no dask.distributed).
+    A worker process has imported distributed; a serial run is spared its import (~0.8 s)."""
+    if "distributed" not in sys.modules:
+        return None
     try:
-        import torch
         from distributed import get_worker
 
-        name = get_worker().name
+        return get_worker()
     except (ImportError, ValueError):
         return None
-    count = torch.cuda.device_count()
-    return f"cuda:{int(name) % count}" if count > 1 and str(name).isdigit() else None

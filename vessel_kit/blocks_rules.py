@@ -89,7 +89,9 @@ class MaskRules:
 
 def split_rules(config: Any) -> tuple[Any, dict[str, Any] | None]:
     """``config`` without its non-local mask rules (for the first pass), and those rules (the
-    ``MaskRules`` fields but the threshold), or None when it has none.
+    ``MaskRules`` fields but the threshold), or None when it has none. ``min_component_size``
+    None (the checkpoints' calibrated size) stays None in the rules: ``with_component_size``
+    fills it in once the volume's voxel size is known.
 
     Raises:
         ValueError: ``hull_gate``, which has no block-wise form (see the module doc).
@@ -100,9 +102,21 @@ def split_rules(config: Any) -> tuple[Any, dict[str, Any] | None]:
     hysteresis = None if config.hysteresis is None else tuple(config.hysteresis)
     rules = {"hysteresis": hysteresis, "top_fraction": config.top_fraction,
              "min_component_size": config.min_component_size, "connectivity": config.connectivity}
-    if config.hysteresis is None and config.top_fraction is None and config.min_component_size <= 1:
+    sized = config.min_component_size is None or config.min_component_size > 1
+    if config.hysteresis is None and config.top_fraction is None and not sized:
         return config, None
     return config.replace(hysteresis=None, top_fraction=None, min_component_size=0), rules
+
+
+def with_component_size(rules: dict[str, Any] | None, calibrated: int) -> dict[str, Any] | None:
+    """``rules`` with a calibrated ``min_component_size`` (None in them) set to ``calibrated``
+    (in the volume's voxels), or None when no rule is left to run."""
+    if rules is None or rules["min_component_size"] is not None:
+        return rules
+    rules = {**rules, "min_component_size": calibrated}
+    if rules["hysteresis"] is None and rules["top_fraction"] is None and calibrated <= 1:
+        return None
+    return rules
 
 
 def finish_masks(store: Any, rules: dict[str, Any] | None, threshold: float, block: tuple[int, int, int],

@@ -229,10 +229,12 @@ INFER_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "batch_size": (int, "tiles per batch"),
     "amp": (_boolean, "true/false: float16 autocast on CUDA (default on)"),
     "compile": (_boolean, "true: torch.compile the models (slower start, faster tiles on GPUs)"),
+    "prefetch": (_boolean, "true/false: prepare batches in a background thread while the model runs "
+                           "(default on, off in one-thread dask workers on the CPU)"),
     "threshold": (float, "probability threshold (default: the checkpoints' calibrated one, else 0.5)"),
     "hysteresis": (_float_pair, "HIGH,LOW: voxels above HIGH seed the mask, which grows in 3D through voxels above LOW"),
     "top_fraction": (float, "keep this fraction of voxels instead of a threshold"),
-    "min_component_size": (int, "drop 3D components smaller than this"),
+    "min_component_size": (int, "drop 3D components smaller than this (default: the checkpoints' calibrated size; 0 keeps all)"),
     "connectivity": (int, "neighbourhood of those components: 6, 18 or 26 (default: 8 in-plane plus above/below)"),
     "hull_gate": (_hull_gate, "2D + 3D ensembles: DILATION (keep the 3D mask within this many voxels of the 2D mask), "
                               "or dilation=10,shape=convex,rule=sum,threshold_3d=0.5 (the 4th-place rule)"),
@@ -383,15 +385,16 @@ def _run_demo(args: argparse.Namespace) -> int:
     status = predict_submission(data_root, [result.best_checkpoint], submission, logits_dir=logits_dir,
                                 config=InferConfig.load("cpu"))  # 3 axes; flips would cost 4x the time on 2 CPU cores
     scores = score_submission(data_root / "solution.csv", submission, progress=False)
-    threshold = read_checkpoint_metadata(result.best_checkpoint)["threshold"]
+    header = read_checkpoint_metadata(result.best_checkpoint)
+    threshold, min_size = header["threshold"], header["min_component_size"]
     curves = qc_report(data_root, submission, logits_dir, args.out / "qc.png", threshold=threshold)
-    print(f"\nsurface Dice of the test volumes at the calibrated threshold {threshold} "
-          f"(model: {result.best_checkpoint}):")
+    print(f"\nsurface Dice of the test volumes at the calibrated threshold {threshold}, components under "
+          f"{min_size or 0} voxels (at the model's resolution) removed (model: {result.best_checkpoint}):")
     print(_format_scores(scores))
     for name, curve in curves.items():
         best = max(curve, key=lambda point: point[1])
-        print(f"  {name}: best threshold {best[0]:.2f} would give {best[1]:.4f} ({status[name]}, "
-              f"{KNOWN_VOXEL_SIZES_UM.get(name)} µm)")
+        print(f"  {name}: best threshold {best[0]:.2f}, no components removed, would give {best[1]:.4f} "
+              f"({status[name]}, {KNOWN_VOXEL_SIZES_UM.get(name)} µm)")
     print(f"\ndone in {time.perf_counter() - started:.0f} s. Outputs in {args.out}: data/ (synthetic dataset), "
           f"run/ (checkpoints, curves.png, metrics.jsonl), submission.csv, logits/, qc.png (overlays, score vs threshold)")
     return 0

@@ -40,7 +40,8 @@ __all__ = ["DEFAULT_THRESHOLD", "Ensemble", "MixedEnsemble", "ModelSource", "che
 @dataclass
 class Ensemble:
     """Models whose logits are averaged (with ``weights``), how they must be fed, and the
-    probability threshold calibrated for them (None: not calibrated).
+    probability threshold and smallest component (at the models' resolution) calibrated for
+    them (None: not calibrated).
 
     Example::
 
@@ -57,6 +58,7 @@ class Ensemble:
     threshold: float | None = None
     spatial_dims: int = 2
     out_chans: int = 1
+    min_component_size: int | None = None
 
     @property
     def stride(self) -> int:
@@ -84,6 +86,7 @@ class MixedEnsemble:
     shares: list[float]
     voxel_size_um: float | None
     threshold: float | None = None
+    min_component_size: int | None = None
 
     def groups(self) -> list[tuple[Ensemble, float]]:
         """Each rank's ensemble with its share of the weight."""
@@ -118,6 +121,7 @@ class _Member(NamedTuple):
     threshold: float | None
     spatial_dims: int
     out_chans: int
+    min_component_size: int | None = None
 
 
 def load_ensemble(
@@ -137,7 +141,8 @@ def load_ensemble(
 
     Members of one rank give an ``Ensemble``; 2D and 3D members together a ``MixedEnsemble``.
     The threshold is the weighted mean of the checkpoints'; a checkpoint written before
-    calibration counts as 0.5, with a warning."""
+    calibration counts as 0.5, with a warning. The smallest component kept is the smallest
+    calibrated one of the weighted checkpoints (None: none has one)."""
     items = list(models) if isinstance(models, (list, tuple)) else [models]
     if not items:
         raise ValueError("no models given")
@@ -156,19 +161,24 @@ def load_ensemble(
                                    module_out_chans(item)))
         else:
             model, config = load_checkpoint(item, device=device)
-            threshold = read_checkpoint_metadata(item)["threshold"]
+            header = read_checkpoint_metadata(item)
+            threshold = header["threshold"]
             if threshold is None:
                 warnings.warn(f"{item} has no calibrated threshold (written before calibration); "
                               f"it counts as {DEFAULT_THRESHOLD}", stacklevel=2)
                 threshold = DEFAULT_THRESHOLD
             loaded.append(model)
             members.append(_Member(str(item), config.in_chans, config.normalization, config.tile_size,
-                                   config.voxel_size_um, threshold, config.spatial_dims, config.out_chans))
+                                   config.voxel_size_um, threshold, config.spatial_dims, config.out_chans,
+                                   header["min_component_size"]))
     ranks = sorted({m.spatial_dims for m in members})
     if ranks == [3] and in_chans not in (None, 1):
         raise ValueError(f"in_chans={in_chans} was given, but 3D models read one channel: give in_chans=1 or none")
     voxels = _agree("training voxel size", [(m.voxel_size_um, m.source) for m in members], None)
     threshold = _weighted_threshold([(w, m.threshold) for w, m in zip(weights, members, strict=True)])
+    # the least removal any member was calibrated for: a component one model needs stays
+    sizes = [m.min_component_size for w, m in zip(weights, members, strict=True) if w > 0 and m.min_component_size is not None]
+    min_size = min(sizes) if sizes else None
     groups, shares = [], []
     for rank in ranks:
         picked = [i for i, m in enumerate(members) if m.spatial_dims == rank]
@@ -185,11 +195,11 @@ def load_ensemble(
         tile = min(tiles, key=lambda t: t if isinstance(t, int) else min(t)) if tiles else None
         group_threshold = _weighted_threshold([(weights[i], members[i].threshold) for i in picked])
         groups.append(Ensemble([loaded[i] for i in picked], [weights[i] / share for i in picked], chans, norm, tile,
-                               voxels, group_threshold, rank, out_chans))
+                               voxels, group_threshold, rank, out_chans, min_size))
         shares.append(share)
     if len(groups) == 1:
         return groups[0]
-    return MixedEnsemble(groups, shares, voxels, threshold)
+    return MixedEnsemble(groups, shares, voxels, threshold, min_size)
 
 
 def module_spatial_dims(model: torch.nn.Module) -> int:

@@ -66,6 +66,9 @@ def infer_volume(
             them (e.g. Kaggle's two T4s); default every CUDA device that works
             (``usable_devices``), else the CPU.
         amp: float16 autocast on CUDA devices (default on; never on the CPU).
+        prefetch: prepare the next batch in a background thread while the model runs (default
+            on; False prepares it in the model's thread: one core per process, as
+            ``infer_blocks`` does in one-thread dask workers on the CPU). Same result either way.
         threshold: the mask is probability > threshold; default the ensemble's calibrated
             threshold (``Ensemble.threshold``: the weighted mean of its checkpoints'), else 0.5.
         hysteresis: (high, low) probabilities instead: voxels above ``high`` seed the mask,
@@ -74,7 +77,8 @@ def infer_volume(
         top_fraction: instead, the ``top_fraction`` of voxels with the highest logits
             (exactly, ties included).
         min_component_size: then drop 3D connected components smaller than this many voxels
-            (``postprocess.remove_small_components``).
+            (``postprocess.remove_small_components``); default (None): the checkpoints'
+            calibrated size (the smallest of them), scaled to the volume's voxel size; 0 keeps all.
         return_logits: return the float16 averaged logits instead of a mask.
         accumulator_path: keep the float16 accumulator in a ``.npy`` memmap at this path
             instead of RAM.

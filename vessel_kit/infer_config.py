@@ -44,10 +44,15 @@ class InferConfig:
     patches), ``overlap``, ``min_plane_side``. Test-time augmentation: ``tta``,
     ``reverse_slices``. Resampling: ``model_voxel_size_um`` (default: the checkpoints'). Runtime:
     ``batch_size``, ``device``, ``amp``, ``compile`` (``torch.compile`` each model replica: a
-    slower start, then faster tiles on GPUs; off by default), ``progress``. Output: ``threshold`` (default: the
-    checkpoints' calibrated one), ``hysteresis``, ``top_fraction``, ``min_component_size`` and
-    its ``connectivity`` (None: 8 neighbours in a slice plus the voxels above and below; 6, 18
-    or 26: the 3D neighbourhoods, e.g. 26 for the 2nd-place pipeline). Ensemble rule (2D + 3D
+    slower start, then faster tiles on GPUs; off by default), ``prefetch`` (True: a background
+    thread prepares the next batch while the model runs; False: batches are prepared in the
+    model's thread, so a process keeps one core busy, not ~1.1; None, the default: True, except
+    in the one-thread dask workers of ``infer_blocks`` on the CPU, where it is False; the
+    results are bit-identical either way), ``progress``. Output: ``threshold`` (default: the
+    checkpoints' calibrated one), ``hysteresis``, ``top_fraction``, ``min_component_size`` (default:
+    the checkpoints' calibrated one, scaled to the volume's voxel size; 0 keeps all) and its
+    ``connectivity`` (None: 8 neighbours in a slice plus the voxels above and below; 6, 18 or
+    26: the 3D neighbourhoods, e.g. 26 for the 2nd-place pipeline). Ensemble rule (2D + 3D
     ensembles only): ``hull_gate``, a ``hull.HullGate`` (or its dilation as an int, or a mapping
     of its fields): each rank is averaged and thresholded on its own and the 2D mask's hull gates
     the 3D one (the 4th-place rule: ``{"dilation": 10, "shape": "convex", "rule": "sum",
@@ -77,12 +82,13 @@ class InferConfig:
     device: str | tuple[str, ...] | None = None
     amp: bool | None = None
     compile: bool = False
+    prefetch: bool | None = None
     progress: bool = True
     # output
     threshold: float | None = None
     hysteresis: tuple[float, float] | None = None
     top_fraction: float | None = None
-    min_component_size: int = 0
+    min_component_size: int | None = None
     connectivity: int | None = None
     hull_gate: HullGate | None = None
 

@@ -405,21 +405,25 @@ def save_checkpoint(
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     threshold: float | None = None,
+    min_component_size: int | None = None,
 ) -> Path:
     """Write ``model``'s weights and ``config`` (plus JSON-serialisable ``metrics``/``extra``) to
     one ``.safetensors`` file, atomically. Tied tensors are stored once.
 
-    ``threshold`` is the probability cut calibrated on validation (``calibrate_threshold``):
-    inference uses it unless told another one.
+    ``threshold`` is the probability cut calibrated on validation (``calibrate_threshold``), and
+    ``min_component_size`` the smallest 3D component kept, counted at the model's resolution
+    (``calibrate_min_component_size``): inference uses them unless told others.
     """
     path = Path(path)
     if threshold is not None and not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must be a probability in (0, 1), got {threshold!r}")
+    _check_min_component_size(min_component_size)
     header = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "versions": _versions(),
         "config": config.to_dict(),
         "threshold": None if threshold is None else float(threshold),
+        "min_component_size": None if min_component_size is None else int(min_component_size),
         "metrics": _json_round_trip(dict(metrics or {}), "metrics"),
         "extra": _json_round_trip(dict(extra or {}), "extra"),
     }
@@ -431,7 +435,8 @@ def save_checkpoint(
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's metadata without loading its tensors: ``config`` (a ``ModelConfig``),
     ``threshold`` (the calibrated probability cut; None in checkpoints written before
-    calibration), ``metrics``, ``extra``, ``versions`` (of the writing packages) and
+    calibration), ``min_component_size`` (the calibrated smallest component at the model's
+    resolution; None in checkpoints written before it was calibrated), ``metrics``, ``extra``, ``versions`` (of the writing packages) and
     ``format_version``."""
     path = existing_file(path)
     try:
@@ -453,9 +458,17 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
         header.setdefault("threshold", None)
         if header["threshold"] is not None and not 0.0 < float(header["threshold"]) < 1.0:
             raise ValueError(f"threshold {header['threshold']!r} is not a probability in (0, 1)")
+        header.setdefault("min_component_size", None)
+        _check_min_component_size(header["min_component_size"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: bad vessel_kit checkpoint metadata: {err}") from None
     return header
+
+
+def _check_min_component_size(size: object) -> None:
+    """ValueError unless ``size`` is None or an int >= 0."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ValueError(f"min_component_size must be an int >= 0 (or None), got {size!r}")
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:

@@ -27,9 +27,10 @@ at the cost of predicting the padding.
 
 Memory: the input stays as it is (uint16), the accumulator is float16 (or a memmap), and the rest
 is a few planes, patches and batches: peak memory does not grow with the number of axes, views
-or models. A background thread prepares the next batch while the model runs. When the volume's
-voxel size differs from the models' training voxel size, the volume is resampled to the models'
-resolution (``resample.py``) and the logits are resampled back slice by slice.
+or models. A background thread prepares the next batch while the model runs (unless
+``InferConfig.prefetch`` is False). When the volume's voxel size differs from the models'
+training voxel size, the volume is resampled to the models' resolution (``resample.py``) and the
+logits are resampled back slice by slice.
 
 Block-wise (``logits(..., region=box)``, driven by ``blocks.py``): only the box's logits, from the
 windows of the whole volume's grid that reach it, read where they need it, so the box equals
@@ -59,7 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .axes import AXES, SLICE_AXIS
-from .calibration import logit
+from .calibration import logit, scaled_component_size
 from .deadline import Deadline, DeadlineWarning
 from .devices import usable_devices
 from .ensemble import DEFAULT_THRESHOLD, Ensemble, MixedEnsemble, ModelSource, check_tile_size, load_ensemble
@@ -78,7 +79,7 @@ LOGIT_LIMIT = 1000.0  # logits are clipped to +-this before float16 accumulation
 RESCALE_TOLERANCE = 0.02  # voxel sizes within 2 % count as equal (kidney_5: 50.28 vs 50 µm)
 MAX_RESCALE = 8.0  # a volume is never resampled by more than this factor per side (a wrong voxel size)
 
-__all__ = ["LOGIT_LIMIT", "MAX_RESCALE", "RESCALE_TOLERANCE", "LogitVolume", "Predictor"]
+__all__ = ["LOGIT_LIMIT", "MAX_RESCALE", "RESCALE_TOLERANCE", "LogitVolume", "Predictor", "voxel_ratio"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,15 @@ class Predictor:
         if self.config.threshold is not None:
             return self.config.threshold
         return DEFAULT_THRESHOLD if self.ensemble.threshold is None else self.ensemble.threshold
+
+    def min_component_size(self, voxel_ratio: float = 1.0) -> int:
+        """The smallest 3D component masks keep, in voxels of a volume with ``voxel_ratio`` voxels
+        per model voxel: the config's as given, else the ensemble's calibrated one (counted at the
+        models' resolution) scaled by ``voxel_ratio``, else 0 (keep all)."""
+        if self.config.min_component_size is not None:
+            return self.config.min_component_size
+        calibrated = self.ensemble.min_component_size
+        return 0 if calibrated is None else scaled_component_size(calibrated, voxel_ratio)
 
     def predict(
         self,
@@ -286,6 +296,7 @@ class Predictor:
             in_chans=ensemble.in_chans, out_chans=ensemble.out_chans, normalization=ensemble.normalization,
             intensity_window=window, weights=ensemble.weights,
             batch_size=config.batch_size, use_amp=config.amp is not False and all(d.type == "cuda" for d in self.devices),
+            prefetch=config.prefetch is not False,
             views=tta_views(config.tta, spatial_dims=ensemble.spatial_dims,
                             reverse_slices=config.reverse_slices and ensemble.in_chans > 1),
         )
@@ -293,12 +304,13 @@ class Predictor:
 
     def to_mask(self, logits: LogitVolume, *, out: np.ndarray | None = None) -> np.ndarray:
         """The bool mask of ``logits`` as the config says: ``hysteresis``, else ``top_fraction``,
-        else probability > ``threshold``; then components under ``min_component_size`` go.
+        else probability > ``threshold``; then components under ``min_component_size`` go
+        (``min_component_size``: the calibrated one scales with the volume's voxel size).
         Streams the logits slice by slice; writes into ``out`` when given."""
-        config = self.config
         mask = self._mask(logits, self.threshold, out) if logits.hull is None else self._hull_mask(logits, out)
-        if config.min_component_size > 1:
-            return remove_small_components(mask, config.min_component_size, connectivity=config.connectivity, out=mask)
+        min_size = self.min_component_size(np.prod(logits.shape) / np.prod(logits.accumulator.shape))
+        if min_size > 1:
+            return remove_small_components(mask, min_size, connectivity=self.config.connectivity, out=mask)
         return mask
 
     def _mask(self, logits: LogitVolume, threshold: float, out: np.ndarray | None) -> np.ndarray:
@@ -388,7 +400,8 @@ class _Group:
 @dataclass(frozen=True)
 class _Feed:
     """How windows become model input and logits: intensity normalisation, model weights, TTA
-    views, batch size and autocast; ``out_chans`` is the models' output channels (planes)."""
+    views, batch size, autocast, and whether batches are prepared in a background thread
+    (``prefetch``); ``out_chans`` is the models' output channels (planes)."""
 
     in_chans: int
     out_chans: int
@@ -398,6 +411,7 @@ class _Feed:
     views: list[View]
     batch_size: int
     use_amp: bool
+    prefetch: bool
 
 
 class _Progress:
@@ -465,7 +479,7 @@ def _run_planes(source: VolumeSource, work: PlanePass, planes: range, in_plane: 
     normalisers: dict[int, np.ndarray] = {}  # centres predicting a plane -> normaliser x their count
     pending: dict[int, list] = {}  # plane index -> [padded logit sum, windows done]
     batches = _plane_batches(source, work, centres, reach, feed)
-    for batch_index, batch in _prefetch(batches, replica.device):
+    for batch_index, batch in _prefetch(batches, replica.device, background=feed.prefetch):
         logits = _forward(replica.models, batch, feed)
         for (centre, y, x), window_logits in zip(batch_index, logits, strict=True):
             for plane, plane_logits in zip(range(centre - half, centre + half + 1), window_logits, strict=True):
@@ -569,7 +583,8 @@ def _run_patch_pass(source: VolumeSource, work: PatchPass, replicas: list[_Repli
 
         def run(share) -> None:
             replica, mine = share
-            for batch_index, batch in _prefetch(_patch_batches(source, work, mine, feed), replica.device):
+            for batch_index, batch in _prefetch(_patch_batches(source, work, mine, feed), replica.device,
+                                            background=feed.prefetch):
                 for corner, patch_logits in zip(batch_index, _forward(replica.models, batch, feed)[:, 0], strict=True):
                     rows.add(corner, patch_logits)
                 tick(len(batch_index))
@@ -591,7 +606,8 @@ def _run_patch_region(source: VolumeSource, work: PatchPass, replicas: list[_Rep
 
     def run(share) -> None:
         replica, mine = share
-        for batch_index, batch in _prefetch(_patch_batches(source, work, mine, feed), replica.device):
+        for batch_index, batch in _prefetch(_patch_batches(source, work, mine, feed), replica.device,
+                                            background=feed.prefetch):
             for corner, patch_logits in zip(batch_index, _forward(replica.models, batch, feed)[:, 0], strict=True):
                 box = tuple(slice(start - origin, min(start + side, total) - origin) for start, side, total, origin
                             in zip(corner, grid.window_shape, grid.region_shape, reach.origin, strict=True))
@@ -702,10 +718,16 @@ def _in_threads(run: Callable, shares: list) -> None:
             future.result()
 
 
-def _prefetch(batches: Iterator, device: torch.device) -> Iterator[tuple[list, torch.Tensor]]:
+def _prefetch(batches: Iterator, device: torch.device, *, background: bool = True) -> Iterator[tuple[list, torch.Tensor]]:
     """Prepare the next batches in a background thread (numpy work releases the GIL) and move
     them to the device (pinned, non-blocking on CUDA) while the model runs. Every hand-over
-    watches a stop flag, so a failing consumer never leaves the producer blocked."""
+    watches a stop flag, so a failing consumer never leaves the producer blocked.
+    ``background=False`` (``InferConfig.prefetch``): the batches are prepared in this thread,
+    one at a time, as the consumer asks (the same tensors: one core per process, no overlap)."""
+    if not background:
+        for index, tiles in batches:
+            yield index, torch.from_numpy(tiles).to(device)
+        return
     ready: queue.Queue = queue.Queue(maxsize=2)
     done = object()
     stop = threading.Event()
@@ -831,6 +853,12 @@ def _at_model_resolution(source: VolumeSource, voxel_size_um: float | None, mode
         return source
     whole = source.read(tuple(slice(0, side) for side in source.shape))
     return ArraySource(resample_volume(whole, shape))
+
+
+def voxel_ratio(shape: tuple[int, int, int], voxel_size_um: float | None, model_voxel_um: float | None) -> float:
+    """Voxels of a volume of ``shape`` per voxel of it at the models' resolution (1: it is not
+    resampled): what a component size counted at the models' resolution is scaled by."""
+    return float(np.prod(shape) / np.prod(_model_shape(shape, voxel_size_um, model_voxel_um)))
 
 
 def _model_shape(shape: tuple[int, int, int], voxel_size_um: float | None, model_voxel_um: float | None) -> tuple[int, int, int]:

@@ -138,6 +138,8 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     val_threshold: float | None = None  # None: calibrate on validation (stored in the checkpoint)
+    # with the calibrated threshold, also the smallest 3D component kept (calibration.COMPONENT_SIZE_GRID)
+    calibrate_min_component_size: bool = True
     val_voxel_sizes_um: list[float] = field(default_factory=list)  # also validate resampled to these
     val_batch_size: int = 4
     resume: bool = True

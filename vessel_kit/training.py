@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_output
 from .axes import AXES
+from .calibration import COMPONENT_SIZE_GRID
 from .data import CropDataset, TrainVolume, vessel_mask
 from .devices import usable_devices
 from .ema import ModelEMA
@@ -194,19 +195,23 @@ def _calibrated_on_every_axis(checkpoint: Path) -> bool:
 
 
 def _calibrate_on_every_axis(checkpoint: Path, cases, config: TrainConfig, device: torch.device) -> None:
-    """Rewrite the best checkpoint's threshold, calibrated on the validation cases predicted along
-    every axis, as ``infer_volume`` predicts by default (the epochs validate on xy alone)."""
+    """Rewrite the best checkpoint's threshold (and, unless ``calibrate_min_component_size`` is
+    off, its smallest component kept), calibrated on the validation cases predicted along every
+    axis, as ``infer_volume`` predicts by default (the epochs validate on xy alone)."""
     model, model_config = load_checkpoint(checkpoint, device=device)
     header = read_checkpoint_metadata(checkpoint)
     record = validate(model, cases, in_chans=model_config.in_chans, normalization=model_config.normalization,
                       model_voxel_size_um=model_config.voxel_size_um, device=device,
-                      batch_size=config.val_batch_size, axes=AXES)
+                      batch_size=config.val_batch_size, axes=AXES,
+                      component_sizes=COMPONENT_SIZE_GRID if config.calibrate_min_component_size else None)
     metrics = {**header["metrics"], **{f"{key}_3axes": value for key, value in record.items()}}
     save_checkpoint(checkpoint, model, model_config, metrics=metrics, extra=header["extra"],
-                    threshold=record["val_threshold"])
+                    threshold=record["val_threshold"], min_component_size=record.get("val_min_component_size"))
     if config.progress:
+        cleaned = (f"; components under {record['val_min_component_size']} voxels removed: "
+                   f"{record['val_surface_dice_cleaned']:.4g}" if "val_min_component_size" in record else "")
         tqdm.write(f"threshold calibrated on 3 axes: {record['val_threshold']} "
-                   f"(validation surface Dice {record['val_surface_dice']:.4g})")
+                   f"(validation surface Dice {record['val_surface_dice']:.4g}{cleaned})")
 
 
 def _load_volumes(config: TrainConfig, names: list[str]) -> list[TrainVolume]:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .calibration import THRESHOLD_GRID, best_threshold_row, logit, threshold_scores
+from .calibration import THRESHOLD_GRID, best_threshold_row, calibrate_min_component_size, logit, threshold_scores
 from .data import TrainVolume, vessel_mask
 from .infer import RESCALE_TOLERANCE, infer_volume
+from .predictor import voxel_ratio
 from .metric import dice
 from .normalize import Normalization
 from .resample import resample_volume, scaled_shape
@@ -67,6 +68,7 @@ def validate(
     threshold: float | None = None,
     axes: Sequence[str] = ("xy",),
     tile_size: int | Sequence[int] | None = None,
+    component_sizes: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Surface Dice and Dice of whole-slice predictions along ``axes`` (no TTA). Every epoch
     uses xy alone (cheap, a lower bound of what more axes reach); training calibrates the final
@@ -78,6 +80,11 @@ def validate(
     volume for a 3D model) is the window ``infer_volume`` predicts with, e.g. a 3D model's
     training patch. Returns ``val_threshold``, the mean
     ``val_surface_dice`` and ``val_dice``, and both per case (``val_surface_dice_<case>``).
+
+    ``component_sizes`` (e.g. ``calibration.COMPONENT_SIZE_GRID``): also pick, at that threshold,
+    the smallest component to keep (``calibrate_min_component_size``, counted at the model's
+    resolution); the record then adds ``val_min_component_size`` and the mean and per-case surface
+    Dice with it (``val_surface_dice_cleaned``, ``val_surface_dice_cleaned_<case>``).
     """
     logits = [
         infer_volume(
@@ -99,4 +106,12 @@ def validate(
         record[f"val_dice_{case.name}"] = dice(case.truth, volume_logits > cut)
     record["val_surface_dice"] = float(scores[best].mean())
     record["val_dice"] = float(np.mean([record[f"val_dice_{case.name}"] for case in cases]))
+    if component_sizes:
+        masks = [volume_logits > cut for volume_logits in logits]
+        ratios = [voxel_ratio(case.images.shape, case.voxel_size_um, model_voxel_size_um) for case in cases]
+        size, size_scores = calibrate_min_component_size(masks, truths, voxel_ratios=ratios, grid=component_sizes)
+        cleaned = size_scores[list(component_sizes).index(size)]
+        record["val_min_component_size"] = size
+        record["val_surface_dice_cleaned"] = float(cleaned.mean())
+        record.update({f"val_surface_dice_cleaned_{case.name}": float(score) for case, score in zip(cases, cleaned, strict=True)})
     return record
