@@ -92,6 +92,21 @@ def test_blocked_rules_equal_the_in_memory_mask(name, model, volume, whole, firs
     np.testing.assert_array_equal(store.mask[:], expected.astype(np.uint8))
 
 
+def test_the_calibrated_component_size_runs_block_wise(model, volume, whole, first_pass, tmp_path):
+    """An ensemble carrying a calibrated ``min_component_size`` (config's None): the blocked mask
+    equals the in-memory one, which removes components under it; an explicit 0 keeps them."""
+    logits, (_, middle, _) = whole
+    calibrated = Ensemble(model.models, model.weights, in_chans=3, normalization=model.normalization, tile_size=None,
+                          voxel_size_um=None, min_component_size=12)
+    expected = Predictor(calibrated, InferConfig(**FAST, threshold=middle)).to_mask(logits)
+    kept = Predictor(calibrated, InferConfig(**FAST, threshold=middle, min_component_size=0)).to_mask(logits)
+    assert expected.any() and not np.array_equal(expected, kept)
+    out = tmp_path / "out.zarr"
+    shutil.copytree(first_pass, out)
+    store = infer_blocks(volume, calibrated, out, block=BLOCK, chunks=BLOCK, pyramid=False, threshold=middle, **FAST)
+    np.testing.assert_array_equal(store.mask[:], expected.astype(np.uint8))
+
+
 def test_components_cross_block_faces_edges_and_corners(whole):
     """The test volume's masks make the merge matter: a component spans >= 8 blocks."""
     logits, (low, _, _) = whole

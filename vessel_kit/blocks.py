@@ -109,7 +109,6 @@ def infer_blocks(
         ImportError: ``executor="dask"`` without dask.distributed installed.
     """
     from .blocks_rules import finish_masks, split_rules, with_component_size
-    from .calibration import scaled_component_size
     from .infer_config import InferConfig
     from .ome_zarr import DTYPES, open_volume
     from .ome_zarr_out import create_output
@@ -138,7 +137,7 @@ def infer_blocks(
                          "voxel_size_um=UM (--voxel-size UM), the volume's voxel size, so it is resampled exactly as "
                          "infer_volume would")
     ratio = voxel_ratio(volume.shape, volume.voxel_size_um, model_voxel_um)
-    rules = with_component_size(rules, scaled_component_size(predictor.ensemble.min_component_size or 0, ratio))
+    rules = with_component_size(rules, predictor.calibrated_min_component_size(ratio))
     logits = logits or rules is not None
     chunk_shape = _sides(chunks, "chunks")
     block_shape = _block_shape(_sides(block, "block"), chunk_shape, volume.shape)

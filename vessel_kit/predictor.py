@@ -170,8 +170,12 @@ class Predictor:
         models' resolution) scaled by ``voxel_ratio``, else 0 (keep all)."""
         if self.config.min_component_size is not None:
             return self.config.min_component_size
-        calibrated = self.ensemble.min_component_size
-        return 0 if calibrated is None else scaled_component_size(calibrated, voxel_ratio)
+        return self.calibrated_min_component_size(voxel_ratio)
+
+    def calibrated_min_component_size(self, voxel_ratio: float = 1.0) -> int:
+        """The ensemble's calibrated smallest component (counted at the models' resolution) in
+        voxels of a volume with ``voxel_ratio`` voxels per model voxel; 0 when it has none."""
+        return scaled_component_size(self.ensemble.min_component_size or 0, voxel_ratio)
 
     def predict(
         self,

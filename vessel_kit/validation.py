@@ -100,14 +100,14 @@ def validate(
     best = best_threshold_row(scores, grid)
     chosen = float(grid[best])
     cut = np.float16(logit(chosen))
+    masks = [volume_logits > cut for volume_logits in logits]
     record = {"val_threshold": chosen}
-    for case, score, volume_logits in zip(cases, scores[best], logits, strict=True):
+    for case, score, mask in zip(cases, scores[best], masks, strict=True):
         record[f"val_surface_dice_{case.name}"] = float(score)
-        record[f"val_dice_{case.name}"] = dice(case.truth, volume_logits > cut)
+        record[f"val_dice_{case.name}"] = dice(case.truth, mask)
     record["val_surface_dice"] = float(scores[best].mean())
     record["val_dice"] = float(np.mean([record[f"val_dice_{case.name}"] for case in cases]))
     if component_sizes:
-        masks = [volume_logits > cut for volume_logits in logits]
         ratios = [voxel_ratio(case.images.shape, case.voxel_size_um, model_voxel_size_um) for case in cases]
         size, size_scores = calibrate_min_component_size(masks, truths, voxel_ratios=ratios, grid=component_sizes)
         cleaned = size_scores[list(component_sizes).index(size)]
