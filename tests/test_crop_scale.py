@@ -3,6 +3,8 @@ checkpoint's voxel size divided by it so that inference resamples alike."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -46,11 +48,27 @@ def test_scale_divides_the_recorded_voxel_size():
     volume = TrainVolume("a", np.zeros((4, 8, 8), np.uint16), np.zeros((4, 8, 8), bool), voxel_size_um=50.0)
     assert _model_voxel_size(config, [volume]) == 25.0
     unknown = TrainVolume("b", volume.images, volume.target)
-    assert _model_voxel_size(TrainConfig(data_root="unused"), [volume, unknown]) is None  # unscaled: as before
-    with pytest.raises(ValueError, match=r"crops.scale 2.0 needs one known voxel size.*'b': None"):
+    with pytest.warns(UserWarning, match=r"unknown or different voxel sizes \{'a': 50.0, 'b': None\}"):
+        assert _model_voxel_size(TrainConfig(data_root="unused"), [volume, unknown]) is None  # unscaled: as before
+    with pytest.raises(ValueError, match=r"crops.scale 2.0 needs one known voxel size.*'b': None"), \
+            pytest.warns(UserWarning, match="unknown or different"):
         _model_voxel_size(config, [volume, unknown])
     with pytest.raises(ValueError, match=r"scale must be in \[0.125, 8.0\]"):
         CropConfig(scale=0.0)
+
+
+def test_the_recorded_voxel_size_is_the_mean_of_alike_sizes_and_none_for_different_ones():
+    def volume(name, size):
+        return TrainVolume(name, np.zeros((4, 8, 8), np.uint16), np.zeros((4, 8, 8), bool), voxel_size_um=size)
+
+    config = TrainConfig(data_root="unused")
+    alike = [volume("kidney_1_dense", 50.0), volume("kidney_3_sparse", 50.16)]  # within 2 %: one resolution
+    assert _model_voxel_size(config, alike) == pytest.approx(50.08)
+    with pytest.warns(UserWarning, match=r"'coarse': 63.08.*target_voxel_size_um"):
+        assert _model_voxel_size(config, [*alike, volume("coarse", 63.08)]) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing known: nothing to warn about
+        assert _model_voxel_size(config, [volume("a", None), volume("b", None)]) is None
 
 
 def test_a_scaled_model_trains_and_predicts_at_its_scale(tmp_path, monkeypatch):

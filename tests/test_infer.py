@@ -95,6 +95,28 @@ def test_axes_with_thin_planes_are_skipped(volume):
         run(volume, ChannelMean(), min_plane_side=0)
 
 
+class WindowHeight(torch.nn.Module):
+    """Logits = the height of the window the model is fed, at every pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x[:, :1], float(x.shape[-2]))
+
+
+def test_whole_planes_are_padded_up_to_pad_planes_to(volume):
+    """(9, 45, 70), stride 32: whole xz planes (9 rows) are fed as 32 rows, or as 64 with
+    pad_planes_to=64; xy planes (45 rows: 64 either way) are unchanged; a pointwise model's
+    logits are unchanged by the padding."""
+    options = {"tta": "none", "min_plane_side": 1}
+    assert np.unique(run(volume, WindowHeight(), axes=["xz"], **options)).tolist() == [32.0]
+    assert np.unique(run(volume, WindowHeight(), axes=["xz"], pad_planes_to=64, **options)).tolist() == [64.0]
+    assert np.unique(run(volume, WindowHeight(), axes=["xz"], pad_planes_to=40, **options)).tolist() == [64.0]
+    assert np.unique(run(volume, WindowHeight(), axes=["xy"], pad_planes_to=64, **options)).tolist() == [64.0]
+    padded = run(volume, ChannelMean(), axes=["xz"], pad_planes_to=64, **options)
+    np.testing.assert_allclose(padded, expected_channel_mean(volume, "xz", 1), atol=FP16_TOLERANCE)
+    with pytest.raises(ValueError, match="pad_planes_to"):
+        run(volume, ChannelMean(), pad_planes_to=0)
+
+
 @pytest.mark.parametrize("axis", ["xy", "xz", "yz"])
 @pytest.mark.parametrize("in_chans", [1, 3, 5])
 @pytest.mark.parametrize("tile", [None, 32, 64, 128])

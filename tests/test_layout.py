@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from vessel_kit.layout import KNOWN_VOXEL_SIZES_UM, find_volumes
+from vessel_kit.layout import KNOWN_VOXEL_SIZES_UM, VOXEL_SIZES_FILE, find_volumes
 from vessel_kit.volume import write_volume
 
 
@@ -63,6 +63,29 @@ def test_real_placeholder_layout(tmp_path, real_data):
 def test_unknown_volume_has_no_voxel_size(tmp_path):
     _volume(tmp_path, "train", "spleen_1")
     assert find_volumes(tmp_path)[0].voxel_size_um is None
+
+
+def test_a_dataset_records_its_voxel_sizes(tmp_path):
+    _volume(tmp_path, "train", "spleen_1")
+    _volume(tmp_path, "train", "kidney_2")
+    (tmp_path / VOXEL_SIZES_FILE).write_text('{"spleen_1": 25, "kidney_2": 51.5, "absent": 7}')
+    assert {v.name: v.voxel_size_um for v in find_volumes(tmp_path)} == {"spleen_1": 25.0, "kidney_2": 51.5}
+    overridden = find_volumes(tmp_path, voxel_sizes={"spleen_1": 30.0})  # the caller's word wins
+    assert [v.voxel_size_um for v in overridden] == [51.5, 30.0]
+
+
+@pytest.mark.parametrize("text, error", [
+    ("[50]", "holds a list"),
+    ('{"spleen_1": -1}', r"positive numbers of µm, got \{'spleen_1': -1\}"),
+    ('{"spleen_1": "50"}', "positive numbers"),
+    ('{"spleen_1": true}', "positive numbers"),
+    ("{spleen", "not readable JSON"),
+])
+def test_a_bad_voxel_sizes_file_is_named(tmp_path, text, error):
+    _volume(tmp_path, "train", "spleen_1")
+    (tmp_path / VOXEL_SIZES_FILE).write_text(text)
+    with pytest.raises(ValueError, match=f"voxel_sizes.json.*{error}"):
+        find_volumes(tmp_path)
 
 
 def test_bad_layouts(tmp_path):

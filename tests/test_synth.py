@@ -314,7 +314,7 @@ def test_dataset_has_the_kaggle_layout(dataset):
     def tree(folder):
         return {p.relative_to(dataset).as_posix() for p in folder.iterdir()}
 
-    assert tree(dataset) == {"train", "test", "sample_submission.csv", "solution.csv"}
+    assert tree(dataset) == {"train", "test", "sample_submission.csv", "solution.csv", "voxel_sizes.json"}
     extra = [f"synth_{family}_{look}" for family in ("wall", "bright", "random") for look in range(LOOKS_PER_FAMILY)]
     train = ["kidney_1_dense", "kidney_2", "kidney_3_dense", "kidney_3_sparse", *extra]
     assert tree(dataset / "train") == {f"train/{name}" for name in train}
@@ -496,3 +496,7 @@ def test_find_volumes_reports_the_generated_voxel_sizes(dataset):
         "kidney_5": 50.28,
         "kidney_6": 63.08,
     }
+    # Every other volume's size comes from the dataset's voxel_sizes.json, so a model trained on
+    # it records its resolution (the synth_* volumes are not Kaggle names).
+    specs = {spec.name: spec.voxel_size_um for spec in SYNTHETIC_VOLUMES}
+    assert found == {**specs, "kidney_3_dense": 50.16} and None not in found.values()

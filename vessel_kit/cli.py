@@ -223,6 +223,7 @@ INFER_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "tile_size": (_int_or_ints, "tile side, or D,H,W for 3D patches (default: the checkpoint's)"),
     "overlap": (float, "fraction of a tile shared with its neighbour, in [0, 1)"),
     "min_plane_side": (int, "skip an axis whose planes are thinner than this"),
+    "pad_planes_to": (int, "with whole planes (no tile size): pad each side up to at least this"),
     "tta": (str, "test-time augmentation: none, flips or d4"),
     "reverse_slices": (_boolean, "true: also feed the 2.5D slices in reverse order"),
     "model_voxel_size_um": (float, "the models' voxel size in µm (default: the checkpoints')"),

@@ -58,6 +58,9 @@ def infer_volume(
         tile_size: tile side (or one side per dimension: (H, W), or (D, H, W) patches for 3D
             models), a multiple of the models' stride; default the checkpoint's training tile,
             or whole planes (padded to the stride) for modules.
+        pad_planes_to: with whole planes, pad each plane side up to at least this (reflecting
+            the image), e.g. the model's training crop: the 40-row xz planes of a 40-slice
+            volume are otherwise mostly convolution border.
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
         voxel_size_um, model_voxel_size_um: when both are known and differ by more than
             ``RESCALE_TOLERANCE``, the volume is resampled to the model's resolution and the

@@ -41,7 +41,8 @@ class InferConfig:
     """How to predict a volume (see ``infer_volume`` for what each option does).
 
     Geometry: ``axes``, ``axis_weights``, ``tile_size`` (an int, or one side per dimension for 3D
-    patches), ``overlap``, ``min_plane_side``. Test-time augmentation: ``tta``,
+    patches), ``overlap``, ``min_plane_side``, ``pad_planes_to`` (whole planes, when there is no
+    tile size, are padded up to at least this side, e.g. the training crop; None: to the stride). Test-time augmentation: ``tta``,
     ``reverse_slices``. Resampling: ``model_voxel_size_um`` (default: the checkpoints'). Runtime:
     ``batch_size``, ``device``, ``amp``, ``compile`` (``torch.compile`` each model replica: a
     slower start, then faster tiles on GPUs; off by default), ``prefetch`` (True: a background
@@ -72,6 +73,7 @@ class InferConfig:
     tile_size: int | tuple[int, ...] | None = None
     overlap: float = 0.5
     min_plane_side: int = 16
+    pad_planes_to: int | None = None
     # test-time augmentation
     tta: str = "flips"
     reverse_slices: bool = False

@@ -190,4 +190,5 @@ INFER_OPTIONS: dict[str, Callable[[object], str | None]] = {
     "progress": _boolean,
     "deadline": _optional(_deadline),
     "min_plane_side": _int_at_least(1),
+    "pad_planes_to": _optional(_int_at_least(1)),
 }

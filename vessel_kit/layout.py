@@ -9,6 +9,10 @@ One quirk is handled here so no caller has to: ``kidney_3_dense`` ships labels o
 the same-named files in ``kidney_3_sparse/images``. In general a volume with labels but no images
 takes its images from the sibling volume whose image folder holds every label file name.
 
+A dataset may record its volumes' voxel sizes in ``<root>/voxel_sizes.json`` (``{"name": µm}``,
+as ``make_synthetic_dataset`` writes it); those override ``KNOWN_VOXEL_SIZES_UM``, so a checkpoint
+trained on the dataset knows its resolution and inference resamples other volumes to it.
+
 Training reads its volumes by name through ``load_train_volumes`` (both splits; soft labels and a
 memmap cache optional), after ``check_no_shared_images`` refused validation volumes whose images
 are trained on.
@@ -16,6 +20,8 @@ are trained on.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -44,14 +50,18 @@ KNOWN_VOXEL_SIZES_UM: dict[str, float] = {
     "kidney_6": 63.08,
 }
 
+VOXEL_SIZES_FILE = "voxel_sizes.json"
+
 __all__ = [
     "KNOWN_VOXEL_SIZES_UM",
+    "VOXEL_SIZES_FILE",
     "VolumeInfo",
     "check_no_shared_images",
     "find_volumes",
     "load_train_volumes",
     "named_volumes",
     "read_soft_labels",
+    "read_voxel_sizes",
 ]
 
 
@@ -97,13 +107,15 @@ def find_volumes(
     Args:
         root: the dataset root (the folder holding ``train/`` and ``test/``).
         split: "train" or "test".
-        voxel_sizes: voxel sizes (µm) by volume name, overriding ``KNOWN_VOXEL_SIZES_UM``.
+        voxel_sizes: voxel sizes (µm) by volume name, overriding those of ``<root>/voxel_sizes.json``
+            (``read_voxel_sizes``), which override ``KNOWN_VOXEL_SIZES_UM``.
 
     Raises:
         ValueError: unknown split; a volume whose labels don't match its images (missing or extra
             file names, or another slice shape); a labels-only volume whose images are nowhere;
             an unreadable folder; a volume, ``images`` or ``labels`` entry that is a broken
-            link, or an ``images``/``labels`` that is a file; the errors of ``slice_files``.
+            link, or an ``images``/``labels`` that is a file; the errors of ``slice_files`` and
+            ``read_voxel_sizes``.
         FileNotFoundError: missing root or split folder, or a split with no volumes.
     """
     if split not in SPLITS:
@@ -111,7 +123,7 @@ def find_volumes(
     split_dir = Path(root) / split
     if path_kind(split_dir) != "folder":
         raise FileNotFoundError(f"{split_dir} does not exist (expected the Kaggle layout <root>/{split}/<volume>/images)")
-    sizes = {**KNOWN_VOXEL_SIZES_UM, **(voxel_sizes or {})}
+    sizes = {**KNOWN_VOXEL_SIZES_UM, **read_voxel_sizes(root), **(voxel_sizes or {})}
     folders = sorted(p for p in list_folder(split_dir, "split folder") if path_kind(p) == "folder")
     image_folders = {p.name: images for p in folders if (images := _slice_folder(p / "images"))}
     volumes = []
@@ -132,6 +144,26 @@ def find_volumes(
     if not volumes:
         raise FileNotFoundError(f"no volumes (folders with images/ or labels/) in {split_dir}")
     return volumes
+
+
+def read_voxel_sizes(root: str | os.PathLike) -> dict[str, float]:
+    """The voxel sizes (µm) by volume name that ``<root>/voxel_sizes.json`` records ({} without
+    the file). ValueError, naming the file, when it is not a JSON object of names to positive
+    numbers."""
+    path = Path(root) / VOXEL_SIZES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        sizes = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error}); expected {{\"<volume>\": <voxel size in µm>}}") from None
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{path} holds a {type(sizes).__name__}; expected {{\"<volume>\": <voxel size in µm>}}")
+    bad = {name: size for name, size in sizes.items()
+           if isinstance(size, bool) or not isinstance(size, int | float) or not (0 < size < math.inf)}
+    if bad:
+        raise ValueError(f"{path}: voxel sizes must be positive numbers of µm, got {bad}")
+    return {name: float(size) for name, size in sizes.items()}
 
 
 def named_volumes(root: str | os.PathLike, names: Sequence[str]) -> list[VolumeInfo]:

@@ -295,7 +295,8 @@ class Predictor:
         else:
             weights = _drop_thin_axes(self.axis_weights, shape, config.min_plane_side)
             passes = plan_planes(shape, {axis: w * group.share for axis, w in weights.items()}, tile=tile,
-                                 overlap=config.overlap, stride=ensemble.stride, square=square)
+                                 overlap=config.overlap, stride=ensemble.stride, square=square,
+                                 min_whole_side=config.pad_planes_to)
         feed = _Feed(
             in_chans=ensemble.in_chans, out_chans=ensemble.out_chans, normalization=ensemble.normalization,
             intensity_window=window, weights=ensemble.weights,

@@ -68,6 +68,7 @@ def validate(
     threshold: float | None = None,
     axes: Sequence[str] = ("xy",),
     tile_size: int | Sequence[int] | None = None,
+    pad_planes_to: int | None = None,
     component_sizes: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Surface Dice and Dice of whole-slice predictions along ``axes`` (no TTA). Every epoch
@@ -78,7 +79,8 @@ def validate(
     ``threshold`` None calibrates it: the grid probability with the best mean surface Dice over
     the cases (``calibration.THRESHOLD_GRID``). ``tile_size`` (None: whole planes, or the whole
     volume for a 3D model) is the window ``infer_volume`` predicts with, e.g. a 3D model's
-    training patch. Returns ``val_threshold``, the mean
+    training patch; ``pad_planes_to`` pads whole planes up to at least that side (the training
+    crop: the xz planes of a thin case are otherwise mostly border). Returns ``val_threshold``, the mean
     ``val_surface_dice`` and ``val_dice``, and both per case (``val_surface_dice_<case>``).
 
     ``component_sizes`` (e.g. ``calibration.COMPONENT_SIZE_GRID``): also pick, at that threshold,
@@ -90,7 +92,8 @@ def validate(
         infer_volume(
             case.images, model, axes=tuple(axes), tta="none", in_chans=in_chans, normalization=normalization,
             batch_size=batch_size, device=device, voxel_size_um=case.voxel_size_um,
-            model_voxel_size_um=model_voxel_size_um, tile_size=tile_size, return_logits=True, progress=False,
+            model_voxel_size_um=model_voxel_size_um, tile_size=tile_size, pad_planes_to=pad_planes_to,
+            return_logits=True, progress=False,
         )
         for case in cases
     ]

@@ -8,7 +8,8 @@ Two strategies, one per model rank, both plans of frozen dataclasses the engine 
 
 Both place windows on a regular grid (``tiling.window_starts``) weighted by a separable gaussian,
 so the normaliser is an outer product of 1D sums (``tiling.window_normaliser``). A window side of
-None means the whole extent, padded up to the models' stride.
+None means the whole extent, padded up to the models' stride (and, for planes, to at least
+``min_whole_side``: a plane thinner than the model's training crop is otherwise mostly border).
 
 Example::
 
@@ -50,12 +51,13 @@ class _Grid:
 
     @classmethod
     def make(cls, region_shape: Sequence[int], window: Sequence[int | None], overlap: float, stride: int,
-             square: bool = False) -> _Grid:
-        """Windows of ``window`` (None sides: the whole side, padded to ``stride``; flat weights
-        when every side is whole) over ``region_shape``; ``square`` makes whole-side windows
-        square in their last two dims (for rot90 TTA)."""
+             square: bool = False, min_whole_side: int = 0) -> _Grid:
+        """Windows of ``window`` (None sides: the whole side, at least ``min_whole_side``, padded
+        to ``stride``; flat weights when every side is whole) over ``region_shape``; ``square``
+        makes whole-side windows square in their last two dims (for rot90 TTA)."""
         whole = all(side is None for side in window)
-        shape = [_round_up(length, stride) if side is None else int(side) for length, side in zip(region_shape, window, strict=True)]
+        shape = [_round_up(max(length, min_whole_side), stride) if side is None else int(side)
+                 for length, side in zip(region_shape, window, strict=True)]
         if square and whole:
             shape[-2:] = [max(shape[-2:])] * 2
         shape = tuple(shape)
@@ -139,16 +141,16 @@ class PatchPass:
 
 def plan_planes(
     shape: tuple[int, int, int], axis_weights: Mapping[str, float], *, tile: int | Sequence[int] | None,
-    overlap: float, stride: int, square: bool = False,
+    overlap: float, stride: int, square: bool = False, min_whole_side: int | None = None,
 ) -> list[PlanePass]:
     """One pass per axis of ``axis_weights`` over a volume of ``shape``; ``tile`` is the tile
-    side (or (H, W)); None: whole planes."""
+    side (or (H, W)); None: whole planes, each side padded up to at least ``min_whole_side``."""
     tile_shape = _sides(tile, 2)
     passes = []
     for axis, weight in axis_weights.items():
         slice_axis = SLICE_AXIS[axis]
         plane_shape = tuple(side for index, side in enumerate(shape) if index != slice_axis)
-        grid = _Grid.make(plane_shape, tile_shape, overlap, stride, square=square)
+        grid = _Grid.make(plane_shape, tile_shape, overlap, stride, square=square, min_whole_side=min_whole_side or 0)
         passes.append(PlanePass(axis, weight, shape[slice_axis], grid))
     return passes
 

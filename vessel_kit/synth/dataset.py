@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_output, remove_stale_temp_files, temp_path
-from ..layout import KNOWN_VOXEL_SIZES_UM
+from ..layout import KNOWN_VOXEL_SIZES_UM, VOXEL_SIZES_FILE
 from ..metric import SOLUTION_COLUMNS
 from ..rle import rle_encode, slice_id, write_submission
 from ..volume import write_volume
@@ -102,7 +103,9 @@ def make_synthetic_dataset(
     Writes ``train/<volume>/{images,labels}`` and ``test/<volume>/images`` for ``volumes``
     (every side multiplied by ``scale``, at least 8), labels only for ``train/kidney_3_dense``
     when ``kidney_3_sparse`` is a training volume, ``sample_submission.csv`` (``1 0`` for every
-    test slice) and ``solution.csv`` (the test labels: ``id,rle,width,height,image,slice``).
+    test slice), ``solution.csv`` (the test labels: ``id,rle,width,height,image,slice``) and
+    ``voxel_sizes.json`` (every volume's voxel size, which ``layout.find_volumes`` reads, so a
+    model trained on the dataset records its resolution).
     Volume ``name`` is generated with seed ``dataset_volume_seed(seed, name)`` in its spec's
     style, unless ``styles`` overrides it: one style name for every volume, or a mapping from
     volume names to style names.
@@ -184,7 +187,7 @@ def _write_dataset(
     progress: bool,
 ) -> None:
     """Synthesize and write every volume, the dense subset and the two CSVs into ``root``."""
-    test_volumes = {}
+    test_volumes, voxel_sizes = {}, {}
     for spec in tqdm(volumes, desc="synthesize", unit="volume", disable=not progress):
         shape = tuple(max(MIN_SIDE, round(side * scale)) for side in spec.shape)
         image, dense, labels = synthesize(
@@ -192,6 +195,7 @@ def _write_dataset(
             spec.labelled_fraction or 1.0, styles[spec.name],
         )
         stems = [f"{i:0{spec.stem_digits}d}" for i in range(shape[0])]
+        voxel_sizes[spec.name] = spec.voxel_size_um
         folder = root / spec.split / spec.name
         write_volume(image, folder / "images", stems)
         if spec.split == "test":
@@ -200,6 +204,8 @@ def _write_dataset(
         write_volume(labels, folder / "labels", stems)
         if spec.name == DENSE_SUBSET_SOURCE:
             _write_dense_subset(root / "train" / DENSE_SUBSET_NAME / "labels", dense, stems)
+            voxel_sizes[DENSE_SUBSET_NAME] = spec.voxel_size_um
+    (root / VOXEL_SIZES_FILE).write_text(json.dumps(voxel_sizes, indent=1) + "\n")
     _write_sample_submission(root / "sample_submission.csv", test_volumes)
     _write_solution(root / "solution.csv", test_volumes)
 
