@@ -63,6 +63,21 @@ def test_a_3d_checkpoint_round_trips_with_its_patch_size(tmp_path, arch):
     assert loaded_config == config
 
 
+def test_a_channels_last_model_is_saved_and_stays_channels_last(tmp_path):
+    """Training runs models channels last (``models.memory_format``); a checkpoint of one loads
+    with the same outputs, and saving leaves the model's own layout alone."""
+    torch.manual_seed(0)
+    config = tiny_config("dynunet")
+    model = build_model_from_config(config).eval().to(memory_format=torch.channels_last_3d)
+    assert not all(p.is_contiguous() for p in model.parameters())
+    path = save_checkpoint(tmp_path / "m.safetensors", model, config)
+    assert not all(p.is_contiguous() for p in model.parameters())
+    loaded, _ = load_checkpoint(path)
+    x = torch.rand(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

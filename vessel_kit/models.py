@@ -31,6 +31,7 @@ pickled code. (Weight EMA and the training state for resuming live in ``ema.py``
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.util
 import json
@@ -85,6 +86,7 @@ __all__ = [
     "build_model",
     "build_model_from_config",
     "compile_model",
+    "memory_format",
     "list_encoders",
     "load_checkpoint",
     "model_stride",
@@ -308,6 +310,22 @@ def build_model_from_config(config: ModelConfig, *, encoder_weights: str | os.Pa
     return model
 
 
+def _contiguous(module: nn.Module) -> nn.Module:
+    """``module``, or a copy in the default memory format when it runs channels last (safetensors
+    views each tensor flat to find tied ones, which a channels-last tensor refuses)."""
+    if all(tensor.is_contiguous() for tensor in module.state_dict().values()):
+        return module
+    return copy.deepcopy(module).to(memory_format=torch.contiguous_format)
+
+
+def memory_format(ndim: int) -> torch.memory_format:
+    """The memory format models run in, for (B, C, H, W) or (B, C, D, H, W) batches: channels
+    last; convolutions are faster that way on the CPU (inference: 1.46x for a ResNet-18 U-Net,
+    benchmarks/bench_memory_format.py; a training step of the demo's MobileNetV2 U-Net: 1.22x,
+    of a DynUNet on 32x64x64 patches: 1.06x, 2 cores) and on tensor-core GPUs."""
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
 def compile_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     """``torch.compile(model)`` with the ``COMPILE_BACKEND`` backend, for running on ``device``.
 
@@ -428,7 +446,7 @@ def save_checkpoint(
         "extra": _json_round_trip(dict(extra or {}), "extra"),
     }
     with atomic_output(path) as tmp:
-        save_model(unwrap_model(model), str(tmp), metadata={_METADATA_KEY: json.dumps(header)}, force_contiguous=True)
+        save_model(_contiguous(unwrap_model(model)), str(tmp), metadata={_METADATA_KEY: json.dumps(header)})
     return path
 
 

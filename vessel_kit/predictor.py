@@ -65,7 +65,7 @@ from .deadline import Deadline, DeadlineWarning
 from .devices import usable_devices
 from .ensemble import DEFAULT_THRESHOLD, Ensemble, MixedEnsemble, ModelSource, check_tile_size, load_ensemble
 from .infer_config import InferConfig
-from .models import compile_model
+from .models import compile_model, memory_format
 from .normalize import Normalization, Window
 from .hull import hull_slices, sum_rule_slices
 from .postprocess import hysteresis_threshold, mask_output, order_keys, remove_small_components, top_fraction_key
@@ -778,10 +778,10 @@ def _forward(models: list[torch.nn.Module], batch: torch.Tensor, feed: _Feed) ->
     """Mean over views of the weighted model logits, each view inverted: (B, out_chans, *window)
     float32."""
     total = None
-    memory_format = _memory_format(batch.ndim)
+    layout = memory_format(batch.ndim)
     with torch.inference_mode(), torch.autocast(batch.device.type, dtype=torch.float16, enabled=feed.use_amp):
         for transform, inverse in feed.views:
-            viewed = transform(batch).contiguous(memory_format=memory_format)  # as the models (_replicas)
+            viewed = transform(batch).contiguous(memory_format=layout)  # as the models (_replicas)
             logits = sum(w * _checked_output(model(viewed), feed.out_chans).float()
                          for model, w in zip(models, feed.weights, strict=True))
             restored = inverse(logits)
@@ -801,23 +801,17 @@ def _checked_output(logits: torch.Tensor, out_chans: int) -> torch.Tensor:
 def _replicas(ensemble: Ensemble, devices: list[torch.device], *, compiled: bool = False) -> list[_Replica]:
     """The ensemble's models on each device; copied to the devices after the first.
 
-    Models run in channels-last memory format (in place for the first device): convolutions are
-    faster that way on the CPU (benchmarks/bench_memory_format.py: 1.46x for a ResNet-18 U-Net)
-    and on tensor-core GPUs. ``compiled`` wraps each replica in ``torch.compile``
+    Models run in channels-last memory format (``models.memory_format``; in place for the first
+    device). ``compiled`` wraps each replica in ``torch.compile``
     (``models.compile_model``; the ensemble keeps the plain modules).
     """
-    memory_format = _memory_format(ensemble.spatial_dims + 2)
+    layout = memory_format(ensemble.spatial_dims + 2)
     replicas = []
     for index, device in enumerate(devices):
         models = ensemble.models if index == 0 else [copy.deepcopy(m) for m in ensemble.models]
-        models = [m.to(device, memory_format=memory_format).eval() for m in models]
+        models = [m.to(device, memory_format=layout).eval() for m in models]
         replicas.append(_Replica([compile_model(m, device) for m in models] if compiled else models, device))
     return replicas
-
-
-def _memory_format(ndim: int) -> torch.memory_format:
-    """channels_last for (B, C, H, W), channels_last_3d for (B, C, D, H, W)."""
-    return torch.channels_last_3d if ndim == 5 else torch.channels_last
 
 
 # --- output ------------------------------------------------------------------------------------

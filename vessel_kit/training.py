@@ -43,7 +43,9 @@ from .devices import usable_devices
 from .ema import ModelEMA
 from .layout import VOXEL_SIZES_FILE, check_no_shared_images, load_train_volumes
 from .losses import build_loss
-from .models import build_model_from_config, compile_model, load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from .models import (
+    build_model_from_config, compile_model, load_checkpoint, memory_format, read_checkpoint_metadata, save_checkpoint,
+)
 from .normalize import Normalization
 from .optim import build_optimizer, build_scheduler
 from .patches import PatchDataset
@@ -113,7 +115,8 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult | Memb
     # 3D models are validated patch by patch at the training patch size; 2D ones on whole planes,
     # padded up to the training crop (a thinner plane is mostly convolution border).
     val_tile = config.sample_size if config.patches is not None else None
-    model = build_model_from_config(model_config, encoder_weights=config.model.encoder_weights).to(device)
+    model = build_model_from_config(model_config, encoder_weights=config.model.encoder_weights)
+    model = model.to(device, memory_format=memory_format(model_config.spatial_dims + 2))  # batches follow (_train_epoch)
     # The compiled wrapper only runs the forward pass; optimiser, EMA, state and checkpoints keep
     # the plain module, so no "_orig_mod." key reaches a file.
     forward = compile_model(model, device) if config.compile else model
@@ -256,6 +259,7 @@ def _train_epoch(model, forward, loader, criterion, optimizer, scheduler, scaler
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not config.progress)
     for step, batch in enumerate(bar):
         image, target, valid = (batch[k].to(device, non_blocking=True) for k in ("image", "target", "valid"))
+        image = image.contiguous(memory_format=memory_format(image.ndim))  # as the model
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             logits = forward(image)
         loss = criterion(logits.float(), target, valid)
