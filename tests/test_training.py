@@ -18,7 +18,7 @@ from vessel_kit.layout import find_volumes
 from vessel_kit.models import load_checkpoint, register_architecture
 from vessel_kit.pseudo import make_pseudo_labels
 from vessel_kit.synth import make_synthetic_dataset
-from vessel_kit.training import TrainConfig, train
+from vessel_kit.training import TrainConfig, _selection_score, train
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +148,31 @@ def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_pa
     ({"model": {"in_chans": 4}}, "in_chans must be odd"),
     ({"model": {"encoder": "resnet-18"}}, "unknown encoder 'resnet-18'"),
     ({"crops": {"crops_per_epoch": 8}}, "crops.crops_per_epoch \\(8\\) must hold at least one optimiser step"),
+    ({"val_score_smoothing": 1.0}, "val_score_smoothing must be in \\[0, 1\\), got 1.0"),
+    ({"val_score_smoothing": -0.1}, "val_score_smoothing must be in"),
 ])
 def test_bad_option_values_are_named(option, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(data_root="/d", **option)
+
+
+def test_the_best_checkpoint_is_chosen_on_the_smoothed_score():
+    """The demo-seed trajectory that kept a barely trained epoch: epoch 1 0.1618, the last
+    0.1607. Unsmoothed, epoch 1 wins; smoothed with 0.5, the last epoch does."""
+    scores = [0.0238, 0.1618, 0.1556, 0.1517, 0.1434, 0.1544, 0.1607]
+
+    def best_epoch(smoothing):
+        history = []
+        for epoch, value in enumerate(scores):
+            record = {"epoch": epoch, "val_surface_dice": value, "train_loss": 1.0}
+            record["selection_score"] = _selection_score(record, history, smoothing)
+            history.append(record)
+        return max(history, key=lambda r: r["selection_score"])["epoch"], history
+
+    assert best_epoch(0.0)[0] == 1
+    epoch, history = best_epoch(0.5)
+    assert epoch == 6 and history[1]["selection_score"] == pytest.approx(0.5 * 0.0238 + 0.5 * 0.1618)
+    assert _selection_score({"train_loss": 0.25}, [], 0.5) == -0.25  # no validation: minus the training loss
 
 
 class _TinyNet(nn.Module):

@@ -142,6 +142,9 @@ class TrainConfig:
     calibrate_min_component_size: bool = True
     val_voxel_sizes_um: list[float] = field(default_factory=list)  # also validate resampled to these
     val_batch_size: int = 4
+    # the best checkpoint is chosen on the validation score smoothed over epochs: s * previous + (1 - s) * this
+    # epoch's (0: this epoch's alone; nnU-Net uses 0.9 over its 1000 epochs)
+    val_score_smoothing: float = 0.0
     resume: bool = True
     progress: bool = True
 
@@ -172,6 +175,8 @@ class TrainConfig:
                              f"got {self.target_voxel_size_um}")
         if self.val_threshold is not None and not 0.0 < self.val_threshold < 1.0:
             raise ValueError(f"val_threshold is a probability in (0, 1) or null (calibrate), got {self.val_threshold}")
+        if not (isinstance(self.val_score_smoothing, (int, float)) and 0.0 <= self.val_score_smoothing < 1.0):
+            raise ValueError(f"val_score_smoothing must be in [0, 1), got {self.val_score_smoothing!r}")
         for size in self.val_voxel_sizes_um:
             if not (isinstance(size, (int, float)) and not isinstance(size, bool) and 0 < size < math.inf):
                 raise ValueError(f"val_voxel_sizes_um must be positive voxel sizes in µm, got {self.val_voxel_sizes_um}")

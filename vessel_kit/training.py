@@ -152,8 +152,8 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult | Memb
                 pad_planes_to=config.sample_size if val_tile is None else None,
             ))
         record["seconds"] = round(time.perf_counter() - started, 2)
+        score = record["selection_score"] = _selection_score(record, history, config.val_score_smoothing)
         history.append(record)
-        score = record.get("val_surface_dice", -record["train_loss"])
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         checkpoint = {"metrics": metrics, "extra": trained_on, "threshold": record.get("val_threshold")}
         save_checkpoint(out_dir / "last.safetensors", evaluated, model_config, **checkpoint)
@@ -177,6 +177,15 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult | Memb
         best_score=best["score"], best_epoch=best["epoch"], best_checkpoint=out_dir / "best.safetensors",
         last_checkpoint=out_dir / "last.safetensors", history=history,
     )
+
+
+def _selection_score(record: dict, history: list[dict], smoothing: float) -> float:
+    """What the best checkpoint is chosen on: the validation surface Dice (without validation,
+    minus the training loss), smoothed over the epochs so far: one epoch's score on a few small
+    volumes is noisy, and a lucky threshold can make a barely trained epoch look best."""
+    score = record.get("val_surface_dice", -record["train_loss"])
+    previous = history[-1].get("selection_score") if history else None
+    return score if previous is None else smoothing * previous + (1.0 - smoothing) * score
 
 
 def _model_voxel_size(config: TrainConfig, volumes: list[TrainVolume]) -> float | None:
