@@ -243,6 +243,7 @@ def test_upload_calls_the_kaggle_cli(tmp_path, wheelhouse, checkpoint, monkeypat
     ]
 
 
+@pytest.mark.slow  # ~32s on 2 cores; the in-process builder is tested by default
 def test_build_dataset_sh_runs_the_builder(tmp_path, wheelhouse, checkpoint):
     result = subprocess.run(
         [str(REPO / "build_dataset.sh"), "--no-download", "--wheels", str(wheelhouse), "--checkpoints", str(checkpoint),

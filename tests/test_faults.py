@@ -139,6 +139,7 @@ def age(paths: list[Path]) -> None:
 # --- vessel-kit synth -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~20s on 2 cores; tests/test_synth.py checks the atomic dataset write by default
 def test_synth_interrupted_then_rerun(tmp_path, launch):
     """SIGINT at the first slice, SIGKILL in the test split: the dataset folder only ever holds
     the complete dataset, and the rerun writes exactly the uninterrupted one."""

@@ -68,7 +68,9 @@ def _perturb(labels, kind):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["shift", "dilation", "erosion", "noise", "drop_slices"])
+# ~9 s each on 2 cores: noise and shift run by default, the other perturbations with -m slow
+@pytest.mark.parametrize("kind", ["shift", "noise", *(pytest.param(kind, marks=pytest.mark.slow)
+                                                     for kind in ("dilation", "erosion", "drop_slices"))])
 def test_real_labels_with_perturbations_equal_oracle(real_labels, kind, oracle_surface_dice):
     # The vessels of these slices lie in rows 199..1266, columns 375..1242; crop around them to
     # keep the oracle fast (the crop keeps a background margin, so the score is unchanged).

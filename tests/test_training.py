@@ -71,6 +71,7 @@ def test_resume_continues_where_it_stopped(data_root, tmp_path, interrupt_traini
         assert torch.equal(pa, pb), name
 
 
+@pytest.mark.slow  # ~36s on 2 cores; soft pseudo-label training runs by default in tests/test_winning_recipes.py
 def test_pseudo_labels_train_an_unlabelled_volume(data_root, tmp_path):
     first = train(tiny_config(data_root, tmp_path / "teacher", epochs=1))
     test_volume = next(v for v in find_volumes(data_root, "test") if v.name == "kidney_5")

@@ -111,6 +111,7 @@ def test_1st_place_predicts_with_all_its_inference_settings_compiled(first_place
     assert mask.shape == images.shape
 
 
+@pytest.mark.slow  # ~18s on 2 cores; the other recipes' smoke tests run by default
 def test_seed_2p5d_smoke_trains_and_predicts_along_xy(data_root, tmp_path):
     """The real ResNeXt101-32x8d U-Net on 5 slices, one step on 32 px crops."""
     config, result = _smoke_train("seed_2p5d", data_root, tmp_path / "run", crops=_TINY_CROPS)
