@@ -42,10 +42,11 @@ class InferConfig:
 
     Geometry: ``axes``, ``axis_weights``, ``tile_size`` (an int, or one side per dimension for 3D
     patches), ``overlap``, ``min_plane_side``, ``pad_planes_to`` (whole planes, when there is no
-    tile size, are padded up to at least this side, e.g. the training crop; None: to the stride). Test-time augmentation: ``tta``,
-    ``reverse_slices``. Resampling: ``model_voxel_size_um`` (default: the checkpoints'). Runtime:
-    ``batch_size``, ``device``, ``amp``, ``compile`` (``torch.compile`` each model replica: a
-    slower start, then faster tiles on GPUs; off by default), ``prefetch`` (True: a background
+    tile size, are padded up to at least this side, e.g. the training crop; None: to the stride).
+    Test-time augmentation: ``tta``, ``reverse_slices``. Resampling: ``model_voxel_size_um``
+    (default: the checkpoints'). Runtime: ``batch_size``, ``device``, ``amp``,
+    ``compile`` (``torch.compile`` each model replica: a slower start, then faster tiles on GPUs;
+    off by default), ``prefetch`` (True: a background
     thread prepares the next batch while the model runs; False: batches are prepared in the
     model's thread, so a process keeps one core busy, not ~1.1; None, the default: True, except
     in the one-thread dask workers of ``infer_blocks`` on the CPU, where it is False; the
