@@ -320,9 +320,9 @@ def _contiguous(module: nn.Module) -> nn.Module:
 
 def memory_format(ndim: int) -> torch.memory_format:
     """The memory format models run in, for (B, C, H, W) or (B, C, D, H, W) batches: channels
-    last; convolutions are faster that way on the CPU (inference: 1.46x for a ResNet-18 U-Net,
-    benchmarks/bench_memory_format.py; a training step of the demo's MobileNetV2 U-Net: 1.22x,
-    of a DynUNet on 32x64x64 patches: 1.06x, 2 cores) and on tensor-core GPUs."""
+    last; convolutions are faster that way on the CPU (benchmarks/bench_memory_format.py, 2 cores:
+    inference 1.46x for a ResNet-18 U-Net, a training step of the demo's MobileNetV2 U-Net
+    1.24x) and on tensor-core GPUs."""
     return torch.channels_last_3d if ndim == 5 else torch.channels_last
 
 
