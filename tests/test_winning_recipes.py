@@ -6,6 +6,7 @@ members and encoders are ValueErrors naming them."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,10 @@ _TINY_CROPS = {"crop_size": 32, "crops_per_epoch": 2}
 def first_place_run(data_root, tmp_path_factory):
     """1st_place smoke-trained: the real ConvNeXt-tiny with the GroupNorm/GELU decoder, one step
     on 64 px crops of the 1.5x-upscaled planes."""
-    return _smoke_train("1st_place", data_root, tmp_path_factory.mktemp("first") / "run",
-                        crops={"crop_size": 64, "crops_per_epoch": 2}, optim={"accumulate_steps": 1})
+    run_dir = tmp_path_factory.mktemp("first") / "run"
+    yield _smoke_train("1st_place", data_root, run_dir,
+                       crops={"crop_size": 64, "crops_per_epoch": 2}, optim={"accumulate_steps": 1})
+    shutil.rmtree(run_dir)  # ~0.75 GB of ConvNeXt checkpoints and state: not kept to the end of the run
 
 
 def _predict_carried(checkpoint, images, **overrides) -> np.ndarray:
