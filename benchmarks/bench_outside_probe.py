@@ -17,7 +17,9 @@ The threshold baseline (``vessel_kit.baselines.fit_threshold``) is fitted on the
 own labels: an oracle, the bar the model should reach without ever seeing the probe. Nothing in
 vessel_kit is trained or tuned on these volumes; the probe is a sanity check against tuning to
 our own generator, not a target. Every checkpoint predicts with ``InferConfig.load(--config)``
-(default "cpu": 3 axes, no flips, as the demo) at its calibrated threshold.
+(default "cpu": 3 axes, no flips, as the demo) at its calibrated threshold. Beside that score,
+the same logits' best score over ``calibration.THRESHOLD_GRID`` (no components removed) tells a
+model that cannot find the vessels from one whose calibrated rule does not transfer.
 
     python benchmarks/bench_outside_probe.py old.safetensors new.safetensors --json /tmp/probe.json
 """
@@ -47,15 +49,17 @@ VARIANTS = {
 TUBES = 6
 RADIUS_RANGE = (1.5, 9.0)
 VOXEL_SIZE_UM = 50.0
-HEADERS = ("variant", "checkpoint", "model", "threshold (oracle)", "margin", "predicted / true voxels", "seconds")
+HEADERS = ("variant", "checkpoint", "model", "threshold (oracle)", "margin", "predicted / true voxels",
+           "model at its best cut", "seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vessel_kit import infer_volume
     from vessel_kit.baselines import fit_threshold, predict_threshold
+    from vessel_kit.calibration import THRESHOLD_GRID, threshold_scores
     from vessel_kit.infer_config import InferConfig
     from vessel_kit.metric import surface_dice
+    from vessel_kit.predictor import Predictor
 
     config = InferConfig.load(args.config).replace(progress=False)
     print(_common.describe_machine(_common.machine_info()))
@@ -65,18 +69,25 @@ def main(argv: list[str] | None = None) -> int:
         oracle = surface_dice(truth, predict_threshold(image, fit_threshold([image], [truth])))
         for checkpoint in args.checkpoints:
             started = time.perf_counter()
-            mask = infer_volume(image, checkpoint, config, voxel_size_um=VOXEL_SIZE_UM)
+            predictor = Predictor(checkpoint, config)  # what infer_volume does, keeping the logits
+            logits = predictor.logits(image, voxel_size_um=VOXEL_SIZE_UM)
+            mask = predictor.to_mask(logits)
             seconds = time.perf_counter() - started
             score = surface_dice(truth, mask)
             ratio = float(mask.sum() / max(truth.sum(), 1))
+            by_cut = threshold_scores([logits.array()], [truth])[:, 0]
+            best_cut = THRESHOLD_GRID[int(np.argmax(by_cut))]
             results.append({"variant": variant, "checkpoint": str(checkpoint), "model": score, "threshold_oracle": oracle,
-                            "predicted_over_true": ratio, "seconds": seconds})
+                            "predicted_over_true": ratio, "model_best_cut": float(by_cut.max()),
+                            "best_cut": best_cut, "seconds": seconds})
             rows.append((variant, Path(checkpoint).parent.parent.name + "/" + Path(checkpoint).name, f"{score:.3f}",
-                         f"{oracle:.3f}", f"{score - oracle:+.3f}", f"{ratio:.2f}", f"{seconds:.0f}"))
+                         f"{oracle:.3f}", f"{score - oracle:+.3f}", f"{ratio:.2f}",
+                         f"{by_cut.max():.3f} @{best_cut:g}", f"{seconds:.0f}"))
             print(f"{variant} {checkpoint}: model {score:.4f}, threshold {oracle:.4f}", flush=True)
     _common.print_table(HEADERS, rows)
+    sources = _common.source_digests("vessel_kit.baselines", "vessel_kit.calibration", "vessel_kit.predictor")
     _common.write_json(args.json, {"args": vars(args), "shape": list(SHAPE), "variants": VARIANTS, "results": results,
-                                   "sources": _common.source_digests("vessel_kit.baselines", "vessel_kit.infer")})
+                                   "sources": sources})
     return 0
 
 

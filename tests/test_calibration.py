@@ -46,6 +46,33 @@ def test_calibration_maximises_the_mean_over_volumes_and_checks_shapes():
         calibrate_threshold([sure], [truth], grid=(0.5, 1.0))
 
 
+def test_a_tolerance_takes_the_lowest_cut_and_smallest_size_that_validation_cannot_rank_below_the_best():
+    from vessel_kit.calibration import best_threshold_row
+
+    grid = (0.05, 0.1, 0.3, 0.5, 0.7)
+    scores = np.array([[0.50], [0.595], [0.60], [0.598], [0.40]])
+    assert best_threshold_row(scores, grid) == 2  # the best: 0.3
+    assert best_threshold_row(scores, grid, tolerance=0.01) == 1  # 0.1 is within 0.01 of it, 0.05 is not
+    assert best_threshold_row(scores, grid, tolerance=0.2) == 0
+    # a scan whose vessels come out fainter than on validation keeps them at the lower cut
+    truth = np.zeros((6, 20, 20), bool)
+    truth[1:5, 5:12, 5:12] = True
+    sure = np.where(truth, logit(0.9), logit(0.01)).astype(np.float16)
+    assert calibrate_threshold([sure], [truth])[0] == 0.5  # every cut from 0.02 to 0.9 scores 1.0: nearest 0.5
+    low, score = calibrate_threshold([sure], [truth], tolerance=0.01)
+    assert low == 0.02 and score == 1.0
+    # component sizes: without tolerance the one best size, with it the smallest near it
+    truth, mask = speckled()
+    assert calibrate_min_component_size([mask], [truth])[0] == 10
+    size, scores = calibrate_min_component_size([mask], [truth], tolerance=0.5)
+    assert size == 0 and scores[0, 0] >= 0.5  # keeping the specks costs less than 0.5
+    for bad in (-0.1, 1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="calibration tolerance"):
+            best_threshold_row(scores, COMPONENT_SIZE_GRID, tolerance=bad)
+        with pytest.raises(ValueError, match="calibration tolerance"):
+            calibrate_min_component_size([mask], [truth], tolerance=bad)
+
+
 class Affine(torch.nn.Module):
     """A "model" whose logit is logit(0.05) on background (0) and logit(0.3) on vessel (1) pixels."""
 

@@ -21,6 +21,7 @@ _LOOKS = [f"synth_{family}_{look}" for family in ("wall", "bright", "random") fo
 FLAT_SYNTHETIC_CPU = {
     "train_volumes": ["kidney_1_dense", "kidney_2", *_LOOKS],
     "val_volumes": ["kidney_3_dense", "synth_wall_5", "synth_bright_5", "synth_random_5"], "val_voxel_sizes_um": [63.08], "val_score_smoothing": 0.5,
+    "calibration_tolerance": 0.01,
     "volume_weights": {"kidney_2": 0.6, **dict.fromkeys(_LOOKS, 0.1)},
     "encoder": "mobilenet_v2", "in_chans": 3, "crop_size": 128, "model_kwargs": {"decoder_channels": [128, 64, 32, 16, 8]},
     "foreground_fraction": 0.5, "crops_per_epoch": 640, "augment": "light", "epochs": 7, "batch_size": 16,

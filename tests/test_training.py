@@ -151,6 +151,8 @@ def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_pa
     ({"crops": {"crops_per_epoch": 8}}, "crops.crops_per_epoch \\(8\\) must hold at least one optimiser step"),
     ({"val_score_smoothing": 1.0}, "val_score_smoothing must be in \\[0, 1\\), got 1.0"),
     ({"val_score_smoothing": -0.1}, "val_score_smoothing must be in"),
+    ({"calibration_tolerance": -0.01}, "calibration_tolerance must be a surface Dice difference in \\[0, 1\\), got -0.01"),
+    ({"calibration_tolerance": float("inf")}, "calibration_tolerance must be"),
 ])
 def test_bad_option_values_are_named(option, match):
     with pytest.raises(ValueError, match=match):

@@ -32,7 +32,7 @@ import numpy as np
 from .metric import surface_dice
 from .normalize import Normalization
 from .synth.render import blur
-from .synth.styles import is_number
+from .values import is_finite_real
 
 POLARITIES = ("bright", "dark")
 THRESHOLD_SIGMAS = (0.5, 1.0, 2.0)  # voxels
@@ -309,12 +309,12 @@ def _check_thresholds(thresholds: Sequence[float]) -> list[float]:
 
 
 def _check_threshold(threshold: float, option: str) -> None:
-    if not (is_number(threshold) and 0 <= threshold < 1):
+    if not (is_finite_real(threshold) and 0 <= threshold < 1):
         raise ValueError(f"{option} must be numbers in [0, 1), got {threshold!r}")
 
 
 def _check_sigma(sigma: float, option: str) -> None:
-    if not (is_number(sigma) and sigma >= 0):
+    if not (is_finite_real(sigma) and sigma >= 0):
         raise ValueError(f"{option} must be numbers >= 0 (voxels), got {sigma!r}")
 
 
@@ -326,5 +326,5 @@ def _check_radii(radii: Sequence[float], option: str) -> None:
 
 
 def _check_positive(value: float, option: str) -> None:
-    if not (is_number(value) and value > 0):
+    if not (is_finite_real(value) and value > 0):
         raise ValueError(f"{option} must be positive numbers, got {value!r}")

@@ -12,6 +12,12 @@ scans unlike its training data, ~2-7x the true vessel voxels). ``calibrate_min_c
 then picks, at the chosen cut, the smallest component size to keep (``COMPONENT_SIZE_GRID``, 0:
 keep all) that scores best on the same validation volumes. The size is counted in voxels of the
 model's resolution, so a volume predicted at another voxel size scales it (``Predictor``).
+
+A model under-segments scans unlike its validation volumes (the outside probe: 0.19-0.58x the
+true vessel voxels at the calibrated cut), and a few small validation volumes cannot tell apart
+cuts whose scores differ by less than their noise. ``tolerance`` > 0 therefore takes the lowest
+cut, and then the smallest component size, whose mean validation score is within ``tolerance``
+of the best: the choice that keeps more voxels among those validation cannot rank.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 
 from .metric import surface_dice
 from .postprocess import remove_small_components
+from .values import is_finite_real
 
 # Candidate probabilities: dense at the low end, where thin and resampled vessels are decided.
 # Candidate smallest components (voxels at the model's resolution): 0 keeps everything; 1000
@@ -59,19 +66,28 @@ def logit(probability: float) -> float:
 
 
 def calibrate_threshold(
-    logits: Sequence[np.ndarray], truths: Sequence[np.ndarray], grid: Sequence[float] = THRESHOLD_GRID
+    logits: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    grid: Sequence[float] = THRESHOLD_GRID,
+    *,
+    tolerance: float = 0.0,
 ) -> tuple[float, float]:
     """(threshold, mean surface Dice at it): the grid probability with the best mean score over
-    the volumes (``best_threshold_row``)."""
+    the volumes, or the lowest within ``tolerance`` of it (``best_threshold_row``)."""
     scores = threshold_scores(logits, truths, grid)
-    row = best_threshold_row(scores, grid)
+    row = best_threshold_row(scores, grid, tolerance=tolerance)
     return float(grid[row]), float(scores[row].mean())
 
 
-def best_threshold_row(scores: np.ndarray, grid: Sequence[float]) -> int:
+def best_threshold_row(scores: np.ndarray, grid: Sequence[float], *, tolerance: float = 0.0) -> int:
     """The row of ``threshold_scores`` with the best mean score; ties go to the probability
-    nearest 0.5 (the least committed choice)."""
+    nearest 0.5 (the least committed choice). ``tolerance`` > 0: the lowest probability whose
+    mean score is within ``tolerance`` of the best."""
+    _check_tolerance(tolerance)
     means = scores.mean(axis=1)
+    if tolerance > 0:
+        near_best = [row for row in range(len(grid)) if means[row] >= means.max() - tolerance]
+        return min(near_best, key=lambda row: grid[row])
     return max(range(len(grid)), key=lambda row: (round(float(means[row]), 12), -abs(grid[row] - 0.5)))
 
 
@@ -82,10 +98,11 @@ def calibrate_min_component_size(
     voxel_ratios: Sequence[float] | None = None,
     grid: Sequence[int] = COMPONENT_SIZE_GRID,
     connectivity: int | None = None,
+    tolerance: float = 0.0,
 ) -> tuple[int, np.ndarray]:
     """(size, scores): the ``grid`` size whose removal of smaller 3D components from the thresholded
-    ``masks`` gives the best mean surface Dice against ``truths`` (ties: the smaller size), and the
-    (len(grid), len(masks)) scores.
+    ``masks`` gives the best mean surface Dice against ``truths`` (ties, or with ``tolerance`` > 0
+    any size within it of the best: the smallest), and the (len(grid), len(masks)) scores.
 
     Sizes count voxels at the model's resolution; ``voxel_ratios`` (default 1) gives, per mask,
     its voxels per model voxel (e.g. (50 / 63.08)³ for a volume predicted at 63.08 µm by a 50 µm
@@ -96,6 +113,7 @@ def calibrate_min_component_size(
     if len(masks) != len(truths) or len(ratios) != len(masks) or not masks:
         raise ValueError(f"need as many masks as truths and voxel ratios (at least one), got {len(masks)}, "
                          f"{len(truths)} and {len(ratios)}")
+    _check_tolerance(tolerance)
     if not grid or any(int(size) != size or size < 0 for size in grid) or any(r <= 0 for r in ratios):
         raise ValueError(f"component sizes must be ints >= 0 and voxel ratios > 0, got {list(grid)} and {ratios}")
     scores = np.empty((len(grid), len(masks)))
@@ -104,8 +122,13 @@ def calibrate_min_component_size(
             cleaned = remove_small_components(mask, scaled_component_size(int(size), ratio), connectivity=connectivity)
             scores[row, column] = surface_dice(truth, cleaned)
     means = scores.mean(axis=1)
-    row = max(range(len(grid)), key=lambda r: (round(float(means[r]), 12), -grid[r]))
-    return int(grid[row]), scores
+    near_best = [r for r in range(len(grid)) if round(float(means[r]), 12) >= round(float(means.max()) - tolerance, 12)]
+    return int(min(grid[r] for r in near_best)), scores
+
+
+def _check_tolerance(tolerance: float) -> None:
+    if not (is_finite_real(tolerance) and 0.0 <= tolerance < 1.0):
+        raise ValueError(f"calibration tolerance must be a surface Dice difference in [0, 1), got {tolerance!r}")
 
 
 def scaled_component_size(size: int, voxel_ratio: float) -> int:

@@ -9,7 +9,6 @@ Checks that need the models (a tile size's stride, the ensemble's threshold) sta
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from .axes import AXES
 from .hull import HullGate
 from .tta import TTA_MODES
+from .values import is_finite_real
 
 # Voxel sizes outside this range (µm) are surely a mistake (HiP-CT ranges from ~1 to ~25 µm per
 # voxel at full resolution; coarse pyramid levels reach a few hundred).
@@ -42,10 +42,6 @@ def check_infer_options(options: Mapping[str, object]) -> None:
 # --- value checks: each returns None when the value is fine, else what is wrong ---------------
 
 
-def _real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -63,20 +59,20 @@ def _int_at_least(low: int) -> Callable[[object], str | None]:
 
 
 def _probability(value: object) -> str | None:
-    return None if _real(value) and 0.0 < value < 1.0 else "must be a probability in (0, 1)"
+    return None if is_finite_real(value) and 0.0 < value < 1.0 else "must be a probability in (0, 1)"
 
 
 def _fraction(value: object) -> str | None:
-    return None if _real(value) and 0.0 <= value <= 1.0 else "must be a number in [0, 1]"
+    return None if is_finite_real(value) and 0.0 <= value <= 1.0 else "must be a number in [0, 1]"
 
 
 def _overlap(value: object) -> str | None:
-    return None if _real(value) and 0.0 <= value < 1.0 else "must be a number in [0, 1)"
+    return None if is_finite_real(value) and 0.0 <= value < 1.0 else "must be a number in [0, 1)"
 
 
 def _voxel_size(value: object) -> str | None:
     low, high = VOXEL_SIZE_RANGE_UM
-    if _real(value) and low <= value <= high:
+    if is_finite_real(value) and low <= value <= high:
         return None
     return f"must be a voxel size in µm between {low} and {high}"
 
@@ -90,7 +86,7 @@ def _axes(value: object) -> str | None:
 
 def _weights(value: object) -> str | None:
     values = list(value.values()) if isinstance(value, Mapping) else value
-    if (isinstance(values, Sequence) and values and all(_real(v) and v >= 0 for v in values)
+    if (isinstance(values, Sequence) and values and all(is_finite_real(v) and v >= 0 for v in values)
             and sum(values) > 0):
         return None
     return "must be non-negative numbers with a positive sum"
@@ -108,7 +104,7 @@ def _choice(choices: Sequence[str]) -> Callable[[object], str | None]:
 
 def _hysteresis(value: object) -> str | None:
     pair = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
-    if pair and len(pair) == 2 and all(_real(v) for v in pair) and 0.0 < pair[1] < pair[0] < 1.0:
+    if pair and len(pair) == 2 and all(is_finite_real(v) for v in pair) and 0.0 < pair[1] < pair[0] < 1.0:
         return None
     return "must be (high, low) probabilities with 0 < low < high < 1"
 
@@ -158,7 +154,7 @@ def _hull_gate(value: object) -> str | None:
 
 
 def _deadline(value: object) -> str | None:
-    return None if _real(value) else "must be a time.monotonic() time"
+    return None if is_finite_real(value) else "must be a time.monotonic() time"
 
 
 # Every option of infer_volume and its check.

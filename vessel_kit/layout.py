@@ -21,7 +21,6 @@ are trained on.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .folders import list_folder, path_kind
+from .values import is_finite_real
 from .volume import read_labels, read_slice_header, read_volume, slice_files
 
 if TYPE_CHECKING:
@@ -159,8 +159,7 @@ def read_voxel_sizes(root: str | os.PathLike) -> dict[str, float]:
         raise ValueError(f"{path} is not readable JSON ({error}); expected {{\"<volume>\": <voxel size in µm>}}") from None
     if not isinstance(sizes, dict):
         raise ValueError(f"{path} holds a {type(sizes).__name__}; expected {{\"<volume>\": <voxel size in µm>}}")
-    bad = {name: size for name, size in sizes.items()
-           if isinstance(size, bool) or not isinstance(size, int | float) or not (0 < size < math.inf)}
+    bad = {name: size for name, size in sizes.items() if not (is_finite_real(size) and size > 0)}
     if bad:
         raise ValueError(f"{path}: voxel sizes must be positive numbers of µm, got {bad}")
     return {name: float(size) for name, size in sizes.items()}

@@ -19,8 +19,6 @@ submission as it was. With ``logits_dir``, finished volumes are kept and reused 
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 import sys
 import time
@@ -51,6 +49,7 @@ from .rle import (
     slice_id,
     validate_submission,
 )
+from .values import is_finite_real
 
 __all__ = [
     "ON_ERROR", "RESERVED_OPTIONS", "carried_infer_config", "check_submission_options", "predict_submission",
@@ -119,7 +118,7 @@ def predict_submission(
     """
     started = time.monotonic()
     check_submission_options({"on_error": on_error, "time_budget_s": time_budget_s, **infer_options})
-    if voxel_size_um is not None and not (_finite_number(voxel_size_um) and voxel_size_um > 0):
+    if voxel_size_um is not None and not (is_finite_real(voxel_size_um) and voxel_size_um > 0):
         raise ValueError(f"voxel_size_um must be a positive number of micrometres, got {voxel_size_um!r}")
     log = log or _log_to_stderr
     config = (config or carried_infer_config(checkpoints, log)).replace(**infer_options)
@@ -161,7 +160,7 @@ def check_submission_options(options: Mapping[str, object]) -> None:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     budget = options.pop("time_budget_s", None)
-    if budget is not None and not (_finite_number(budget) and budget > 0):
+    if budget is not None and not (is_finite_real(budget) and budget > 0):
         raise ValueError(f"time_budget_s must be a number of seconds > 0, got {budget!r}")
     reserved = sorted(set(options) & RESERVED_OPTIONS.keys())
     if reserved:
@@ -365,10 +364,6 @@ def _check_sample_lists_layout(sample: Path, volumes: list[VolumeInfo], split: s
 
 def _listed(device: str | tuple[str, ...] | None) -> str | list[str] | None:
     return list(device) if isinstance(device, tuple) else device
-
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _log_to_stderr(message: str) -> None:

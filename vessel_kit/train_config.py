@@ -36,6 +36,7 @@ from .normalize import Normalization
 from .optim import OptimConfig
 from .patches import PatchConfig
 from .recipes import resolve_config
+from .values import is_finite_real
 
 __all__ = ["ModelOptions", "TrainConfig"]
 
@@ -140,6 +141,9 @@ class TrainConfig:
     val_threshold: float | None = None  # None: calibrate on validation (stored in the checkpoint)
     # with the calibrated threshold, also the smallest 3D component kept (calibration.COMPONENT_SIZE_GRID)
     calibrate_min_component_size: bool = True
+    # > 0: the lowest threshold (and smallest component size) whose validation score is within this
+    # of the best, instead of the best: unseen scans are under-segmented at the best (calibration.py)
+    calibration_tolerance: float = 0.0
     val_voxel_sizes_um: list[float] = field(default_factory=list)  # also validate resampled to these
     val_batch_size: int = 4
     # the best checkpoint is chosen on the validation score smoothed over epochs: s * previous + (1 - s) * this
@@ -175,6 +179,9 @@ class TrainConfig:
                              f"got {self.target_voxel_size_um}")
         if self.val_threshold is not None and not 0.0 < self.val_threshold < 1.0:
             raise ValueError(f"val_threshold is a probability in (0, 1) or null (calibrate), got {self.val_threshold}")
+        if not (is_finite_real(self.calibration_tolerance) and 0.0 <= self.calibration_tolerance < 1.0):
+            raise ValueError(f"calibration_tolerance must be a surface Dice difference in [0, 1), "
+                             f"got {self.calibration_tolerance!r}")
         if not (isinstance(self.val_score_smoothing, (int, float)) and 0.0 <= self.val_score_smoothing < 1.0):
             raise ValueError(f"val_score_smoothing must be in [0, 1), got {self.val_score_smoothing!r}")
         for size in self.val_voxel_sizes_um:

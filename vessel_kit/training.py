@@ -150,6 +150,7 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult | Memb
                 model_voxel_size_um=model_config.voxel_size_um, device=device,
                 batch_size=config.val_batch_size, threshold=config.val_threshold, tile_size=val_tile,
                 pad_planes_to=config.sample_size if val_tile is None else None,
+                calibration_tolerance=config.calibration_tolerance,
             ))
         record["seconds"] = round(time.perf_counter() - started, 2)
         score = record["selection_score"] = _selection_score(record, history, config.val_score_smoothing)
@@ -229,7 +230,8 @@ def _calibrate_on_every_axis(checkpoint: Path, cases, config: TrainConfig, devic
     record = validate(model, cases, in_chans=model_config.in_chans, normalization=model_config.normalization,
                       model_voxel_size_um=model_config.voxel_size_um, device=device,
                       batch_size=config.val_batch_size, axes=AXES, pad_planes_to=config.sample_size,
-                      component_sizes=COMPONENT_SIZE_GRID if config.calibrate_min_component_size else None)
+                      component_sizes=COMPONENT_SIZE_GRID if config.calibrate_min_component_size else None,
+                      calibration_tolerance=config.calibration_tolerance)
     metrics = {**header["metrics"], **{f"{key}_3axes": value for key, value in record.items()}}
     save_checkpoint(checkpoint, model, model_config, metrics=metrics, extra=header["extra"],
                     threshold=record["val_threshold"], min_component_size=record.get("val_min_component_size"))

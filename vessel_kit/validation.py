@@ -70,6 +70,7 @@ def validate(
     tile_size: int | Sequence[int] | None = None,
     pad_planes_to: int | None = None,
     component_sizes: Sequence[int] | None = None,
+    calibration_tolerance: float = 0.0,
 ) -> dict[str, float]:
     """Surface Dice and Dice of whole-slice predictions along ``axes`` (no TTA). Every epoch
     uses xy alone (cheap, a lower bound of what more axes reach); training calibrates the final
@@ -87,6 +88,8 @@ def validate(
     the smallest component to keep (``calibrate_min_component_size``, counted at the model's
     resolution); the record then adds ``val_min_component_size`` and the mean and per-case surface
     Dice with it (``val_surface_dice_cleaned``, ``val_surface_dice_cleaned_<case>``).
+    ``calibration_tolerance``: the lowest threshold, and smallest component size, within it of
+    the best mean score instead of the best (``calibration``).
     """
     logits = [
         infer_volume(
@@ -100,7 +103,7 @@ def validate(
     truths = [case.truth for case in cases]
     grid = THRESHOLD_GRID if threshold is None else (threshold,)
     scores = threshold_scores(logits, truths, grid)
-    best = best_threshold_row(scores, grid)
+    best = best_threshold_row(scores, grid, tolerance=calibration_tolerance)
     chosen = float(grid[best])
     cut = np.float16(logit(chosen))
     masks = [volume_logits > cut for volume_logits in logits]
@@ -112,7 +115,8 @@ def validate(
     record["val_dice"] = float(np.mean([record[f"val_dice_{case.name}"] for case in cases]))
     if component_sizes:
         ratios = [voxel_ratio(case.images.shape, case.voxel_size_um, model_voxel_size_um) for case in cases]
-        size, size_scores = calibrate_min_component_size(masks, truths, voxel_ratios=ratios, grid=component_sizes)
+        size, size_scores = calibrate_min_component_size(masks, truths, voxel_ratios=ratios, grid=component_sizes,
+                                                         tolerance=calibration_tolerance)
         cleaned = size_scores[list(component_sizes).index(size)]
         record["val_min_component_size"] = size
         record["val_surface_dice_cleaned"] = float(cleaned.mean())

@@ -19,8 +19,9 @@ from ..atomic import atomic_output, remove_stale_temp_files, temp_path
 from ..layout import KNOWN_VOXEL_SIZES_UM, VOXEL_SIZES_FILE
 from ..metric import SOLUTION_COLUMNS
 from ..rle import rle_encode, slice_id, write_submission
+from ..values import is_finite_real
 from ..volume import write_volume
-from .styles import STYLES, is_number, resolve_style
+from .styles import STYLES, resolve_style
 from .synthesize import MIN_SIDE, synthesize
 
 SPLITS = ("train", "test")
@@ -118,7 +119,7 @@ def make_synthetic_dataset(
     ValueError for a ``scale`` that is not a positive number, an unknown style, a ``styles``
     mapping naming no volume, or volumes with duplicate names.
     """
-    if not (is_number(scale) and scale > 0):
+    if not (is_finite_real(scale) and scale > 0):
         raise ValueError(f"scale must be a positive number, got {scale!r}")
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):

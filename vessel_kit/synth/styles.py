@@ -22,12 +22,13 @@ The families (``STYLES``), each randomised within itself:
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 
 import numpy as np
+
+from ..values import is_finite_real
 
 Range = tuple[float, float]
 
@@ -132,7 +133,7 @@ def _check_factor(name: str, value: object, metadata: dict) -> None:
     """Raise ValueError naming ``Style.<name>`` when ``value`` does not fit its kind of draw."""
     draw, options = metadata["draw"], metadata["options"]
     if draw == "chance":
-        valid = is_number(value) and 0 <= value <= 1
+        valid = is_finite_real(value) and 0 <= value <= 1
         expected = "a probability in [0, 1]"
     elif draw == "choice":
         valid = isinstance(value, tuple) and len(value) > 0 and all(v in options for v in value)
@@ -152,13 +153,8 @@ def _is_pair(value: object, kind: type) -> bool:
     return (
         isinstance(value, tuple)
         and len(value) == 2
-        and all(isinstance(v, kind) and not isinstance(v, bool) and is_number(v) for v in value)
+        and all(isinstance(v, kind) and not isinstance(v, bool) and is_finite_real(v) for v in value)
     )
-
-
-def is_number(value: object) -> bool:
-    """A finite real number, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # The registry comes last: building a Style runs the checks defined above.

@@ -6,9 +6,10 @@ import numbers
 
 import numpy as np
 
+from ..values import is_finite_real
 from .geometry import draw_outline, grow_forest, labelled_branches, organ_weight, rasterize
 from .render import Scene, render_image
-from .styles import Style, draw_look, is_number, resolve_style
+from .styles import Style, draw_look, resolve_style
 
 MIN_SIDE = 8  # the smallest volume side accepted
 
@@ -80,8 +81,8 @@ def _check_args(
     integral = all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in sides)
     if len(sides) != 3 or not integral or min(sides) < MIN_SIDE:
         raise ValueError(f"shape must be three ints (Z, Y, X), each >= {MIN_SIDE}, got {shape!r}")
-    if not (is_number(voxel_size_um) and voxel_size_um > 0):
+    if not (is_finite_real(voxel_size_um) and voxel_size_um > 0):
         raise ValueError(f"voxel_size_um must be a positive number, got {voxel_size_um!r}")
-    if not (is_number(labelled_fraction) and 0 < labelled_fraction <= 1):
+    if not (is_finite_real(labelled_fraction) and 0 < labelled_fraction <= 1):
         raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
     return tuple(int(n) for n in sides)
