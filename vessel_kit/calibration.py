@@ -38,7 +38,7 @@ COMPONENT_SIZE_GRID = (0, 10, 30, 100, 300, 1000)
 THRESHOLD_GRID = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 __all__ = ["COMPONENT_SIZE_GRID", "THRESHOLD_GRID", "best_threshold_row", "calibrate_min_component_size",
-           "calibrate_threshold", "logit", "scaled_component_size", "threshold_scores"]
+           "calibrate_threshold", "check_tolerance", "logit", "scaled_component_size", "threshold_scores"]
 
 
 def threshold_scores(
@@ -83,11 +83,10 @@ def best_threshold_row(scores: np.ndarray, grid: Sequence[float], *, tolerance: 
     """The row of ``threshold_scores`` with the best mean score; ties go to the probability
     nearest 0.5 (the least committed choice). ``tolerance`` > 0: the lowest probability whose
     mean score is within ``tolerance`` of the best."""
-    _check_tolerance(tolerance)
+    check_tolerance(tolerance)
     means = scores.mean(axis=1)
     if tolerance > 0:
-        near_best = [row for row in range(len(grid)) if means[row] >= means.max() - tolerance]
-        return min(near_best, key=lambda row: grid[row])
+        return min(_near_best_rows(means, tolerance), key=lambda row: grid[row])
     return max(range(len(grid)), key=lambda row: (round(float(means[row]), 12), -abs(grid[row] - 0.5)))
 
 
@@ -113,7 +112,7 @@ def calibrate_min_component_size(
     if len(masks) != len(truths) or len(ratios) != len(masks) or not masks:
         raise ValueError(f"need as many masks as truths and voxel ratios (at least one), got {len(masks)}, "
                          f"{len(truths)} and {len(ratios)}")
-    _check_tolerance(tolerance)
+    check_tolerance(tolerance)
     if not grid or any(int(size) != size or size < 0 for size in grid) or any(r <= 0 for r in ratios):
         raise ValueError(f"component sizes must be ints >= 0 and voxel ratios > 0, got {list(grid)} and {ratios}")
     scores = np.empty((len(grid), len(masks)))
@@ -121,14 +120,20 @@ def calibrate_min_component_size(
         for column, (mask, truth, ratio) in enumerate(zip(masks, truths, ratios, strict=True)):
             cleaned = remove_small_components(mask, scaled_component_size(int(size), ratio), connectivity=connectivity)
             scores[row, column] = surface_dice(truth, cleaned)
-    means = scores.mean(axis=1)
-    near_best = [r for r in range(len(grid)) if round(float(means[r]), 12) >= round(float(means.max()) - tolerance, 12)]
-    return int(min(grid[r] for r in near_best)), scores
+    return int(min(grid[row] for row in _near_best_rows(scores.mean(axis=1), tolerance))), scores
 
 
-def _check_tolerance(tolerance: float) -> None:
+def check_tolerance(tolerance: float, option: str = "calibration tolerance") -> None:
+    """ValueError naming ``option`` unless ``tolerance`` is a surface Dice difference in [0, 1)."""
     if not (is_finite_real(tolerance) and 0.0 <= tolerance < 1.0):
-        raise ValueError(f"calibration tolerance must be a surface Dice difference in [0, 1), got {tolerance!r}")
+        raise ValueError(f"{option} must be a surface Dice difference in [0, 1), got {tolerance!r}")
+
+
+def _near_best_rows(means: np.ndarray, tolerance: float) -> list[int]:
+    """The rows whose mean score is within ``tolerance`` of the best (to 12 digits: float sums of
+    equal scores can differ in the last bits)."""
+    floor = round(float(means.max()) - tolerance, 12)
+    return [row for row, mean in enumerate(means) if round(float(mean), 12) >= floor]
 
 
 def scaled_component_size(size: int, voxel_ratio: float) -> int:

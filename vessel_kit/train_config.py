@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
+from .calibration import check_tolerance
 from .config_files import load_yaml_mapping
 from .config_sections import check_option_types, section_from_mapping
 from .data import CropConfig
@@ -179,13 +180,11 @@ class TrainConfig:
                              f"got {self.target_voxel_size_um}")
         if self.val_threshold is not None and not 0.0 < self.val_threshold < 1.0:
             raise ValueError(f"val_threshold is a probability in (0, 1) or null (calibrate), got {self.val_threshold}")
-        if not (is_finite_real(self.calibration_tolerance) and 0.0 <= self.calibration_tolerance < 1.0):
-            raise ValueError(f"calibration_tolerance must be a surface Dice difference in [0, 1), "
-                             f"got {self.calibration_tolerance!r}")
+        check_tolerance(self.calibration_tolerance, "calibration_tolerance")
         if not (isinstance(self.val_score_smoothing, (int, float)) and 0.0 <= self.val_score_smoothing < 1.0):
             raise ValueError(f"val_score_smoothing must be in [0, 1), got {self.val_score_smoothing!r}")
         for size in self.val_voxel_sizes_um:
-            if not (isinstance(size, (int, float)) and not isinstance(size, bool) and 0 < size < math.inf):
+            if not (is_finite_real(size) and size > 0):
                 raise ValueError(f"val_voxel_sizes_um must be positive voxel sizes in µm, got {self.val_voxel_sizes_um}")
         overlap = set(self.train_volumes) & set(self.val_volumes)
         if overlap:
