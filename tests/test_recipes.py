@@ -23,8 +23,8 @@ FLAT_SYNTHETIC_CPU = {
     "val_volumes": ["kidney_3_dense", "synth_wall_5", "synth_bright_5", "synth_random_5"], "val_voxel_sizes_um": [63.08], "val_score_smoothing": 0.5,
     "calibration_tolerance": 0.01,
     "volume_weights": {"kidney_2": 0.6, **dict.fromkeys(_LOOKS, 0.1)},
-    "encoder": "mobilenet_v2", "in_chans": 3, "crop_size": 128, "model_kwargs": {"decoder_channels": [128, 64, 32, 16, 8]},
-    "foreground_fraction": 0.5, "crops_per_epoch": 640, "augment": "light", "epochs": 7, "batch_size": 16,
+    "encoder": "mobilenet_v2", "in_chans": 3, "crop_size": 96, "model_kwargs": {"decoder_channels": [128, 64, 32, 16, 8]},
+    "foreground_fraction": 0.5, "crops_per_epoch": 1024, "augment": "light", "epochs": 7, "batch_size": 8,
     "loss": [{"name": "dice", "weight": 1.0}, {"name": "bce", "weight": 1.0}],
     "lr": 2e-3, "ema_decay": 0.98, "rotate_p": 0.2, "rotate_max_deg": 30.0, "zoom_p": 0.25, "zoom_range": [0.7, 1.15],
     "lowres_p": 0.15, "intensity_p": 0.4, "invert_p": 0.1,
@@ -66,7 +66,7 @@ def test_the_flat_form_warns_naming_the_new_keys_and_gives_the_same_config():
         nested = TrainConfig.from_dict({"base": "synthetic_cpu", "data_root": "/d"})
         assert TrainConfig.from_dict({**nested.to_dict()}) == nested
     assert flat == nested
-    assert (nested.model.encoder, nested.crops.crop_size, nested.crops.in_chans, nested.optim.lr) == ("mobilenet_v2", 128, 3, 2e-3)
+    assert (nested.model.encoder, nested.crops.crop_size, nested.crops.in_chans, nested.optim.lr) == ("mobilenet_v2", 96, 3, 2e-3)
 
 
 @pytest.mark.filterwarnings("ignore:.*deprecated flat training options:FutureWarning")

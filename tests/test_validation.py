@@ -8,7 +8,7 @@ import torch
 
 from vessel_kit.data import TrainVolume
 from vessel_kit.normalize import Normalization
-from vessel_kit.validation import validate, validation_cases
+from vessel_kit.validation import calibrated_record, validate, validation_cases, validation_logits
 
 
 def tube_volume(voxel_size_um: float | None = 50.0) -> TrainVolume:
@@ -53,3 +53,18 @@ def test_validate_calibrates_over_both_resolutions():
         (record["val_surface_dice_tube"] + record["val_surface_dice_tube@63.08um"]) / 2)
     fixed = validate(Intensity(), cases, threshold=0.5, **common)
     assert fixed["val_threshold"] == 0.5 and fixed["val_surface_dice"] == 0.0
+
+
+def test_logits_predicted_once_recalibrate_as_validate_does():
+    """``validate`` is ``validation_logits`` then ``calibrated_record``: logits predicted once
+    give the same record, and can be recut with other options (a benchmark of calibration rules)."""
+    cases = validation_cases([tube_volume()], [63.08])
+    common = dict(normalization=Normalization("percentile", low=0.0, high=100.0), model_voxel_size_um=50.0,
+                  device=torch.device("cpu"))
+    logits = validation_logits(Intensity(), cases, in_chans=3, **common)
+    assert [volume.shape for volume in logits] == [case.truth.shape for case in cases]
+    record = calibrated_record(logits, cases, model_voxel_size_um=50.0, component_sizes=(0, 10))
+    assert record == validate(Intensity(), cases, in_chans=3, component_sizes=(0, 10), **common)
+    assert calibrated_record(logits, cases, model_voxel_size_um=50.0, threshold=0.5)["val_surface_dice"] == 0.0
+    with pytest.raises(ValueError, match="one logit volume per validation case, got 1 for 2"):
+        calibrated_record(logits[:1], cases, model_voxel_size_um=50.0)

@@ -25,6 +25,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from .values import is_finite_real, is_int
 
 __all__ = ["HULL_RULES", "HULL_SHAPES", "HullGate", "hull_slices", "sum_rule_slices"]
 
@@ -45,14 +46,13 @@ class HullGate:
     threshold_3d: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.dilation, bool) or not isinstance(self.dilation, int) or self.dilation < 0:
+        if not is_int(self.dilation) or self.dilation < 0:
             raise ValueError(f"hull_gate dilation must be a non-negative int (voxels), got {self.dilation!r}")
         if self.shape not in HULL_SHAPES:
             raise ValueError(f"hull_gate shape must be one of {HULL_SHAPES}, got {self.shape!r}")
         if self.rule not in HULL_RULES:
             raise ValueError(f"hull_gate rule must be one of {HULL_RULES}, got {self.rule!r}")
-        if self.threshold_3d is not None and not (isinstance(self.threshold_3d, (int, float))
-                                                  and not isinstance(self.threshold_3d, bool) and 0 < self.threshold_3d < 1):
+        if self.threshold_3d is not None and not (is_finite_real(self.threshold_3d) and 0 < self.threshold_3d < 1):
             raise ValueError(f"hull_gate threshold_3d must be a probability in (0, 1), got {self.threshold_3d!r}")
 
     @classmethod
@@ -60,7 +60,7 @@ class HullGate:
         """A rule from an int (the dilation, other fields default), a mapping of its fields, or a rule."""
         if isinstance(value, HullGate):
             return value
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return cls(dilation=value)
         if isinstance(value, Mapping):
             names = [field.name for field in dataclasses.fields(cls)]

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .values import is_int
+
 __all__ = [
     "COMPOSITE_PRESETS",
     "LOSSES",
@@ -300,7 +302,7 @@ class SurfaceDiceLoss(nn.Module):
 
     def __init__(self, tolerance: int = 0, smooth: float = 1.0, batch: bool = True) -> None:
         super().__init__()
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
+        if not is_int(tolerance) or tolerance < 0:
             raise ValueError(f"tolerance must be a non-negative int (voxels), got {tolerance!r}")
         if not smooth > 0:
             raise ValueError(f"smooth must be > 0, got {smooth}")

@@ -54,6 +54,7 @@ from .runs import claim_run_dir, read_members_manifest
 from .train_config import TrainConfig
 from .training import TrainResult, canonical_config, train
 from .tta import TTA_MODES
+from .values import is_finite_real
 
 __all__ = ["MembersResult", "ModelMember", "PseudoStep", "member_steps", "train_members"]
 
@@ -247,7 +248,7 @@ def _coverage(value: Any, volumes: list[str], kind: str, where: str) -> dict[str
         raise ValueError(f"{where}: pseudo.coverage must be a share in (0, 1) or one per volume of {volumes}, "
                          f"got {value!r}")
     for volume, share in shares.items():
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share < 1.0:
+        if not (is_finite_real(share) and 0.0 < share < 1.0):
             raise ValueError(f"{where}: pseudo.coverage of {volume} must be in (0, 1) (the share of its vessels "
                              f"its label annotates), got {share!r}")
     return {volume: float(share) for volume, share in shares.items()}

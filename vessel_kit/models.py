@@ -57,6 +57,7 @@ from .decoder_layers import DECODER_OPTIONS, apply_decoder_variant, check_decode
 from .folders import existing_file
 from .models_3d import MONAI_NETWORKS, build_monai, check_monai, monai_stride
 from .normalize import Normalization
+from .values import is_int
 
 # The smp classes registered as architectures (below, after their builder).
 SMP_ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -485,7 +486,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def _check_min_component_size(size: object) -> None:
     """ValueError unless ``size`` is None or an int >= 0."""
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+    if size is not None and (not is_int(size) or size < 0):
         raise ValueError(f"min_component_size must be an int >= 0 (or None), got {size!r}")
 
 
@@ -538,21 +539,21 @@ def _tile_size(tile_size: Any, spatial_dims: int) -> int | tuple[int, ...]:
     sides = list(tile_size) if isinstance(tile_size, (list, tuple)) else [tile_size]
     if isinstance(tile_size, (list, tuple)) and len(sides) != spatial_dims:
         raise ValueError(f"tile_size {tile_size!r} needs one side per spatial dimension ({spatial_dims})")
-    if not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in sides):
+    if not all(is_int(side) and side >= 1 for side in sides):
         raise ValueError(f"tile_size must be a positive int or {spatial_dims} of them, got {tile_size!r}")
     return tuple(sides) if isinstance(tile_size, (list, tuple)) else tile_size
 
 
 def _check_in_chans(in_chans: int) -> None:
     """Odd: a centre plane and as many neighbours on each side (what crops and inference feed)."""
-    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1 or in_chans % 2 == 0:
+    if not is_int(in_chans) or in_chans < 1 or in_chans % 2 == 0:
         raise ValueError(f"in_chans must be odd (1, 3, 5, ...), got {in_chans!r}")
 
 
 def _check_out_chans(out_chans: int, in_chans: int, spatial_dims: int, arch: str, multi_slice: bool) -> None:
     """Odd and at most ``in_chans`` (the output planes are input planes: the centre one and as
     many neighbours on each side); > 1 only for 2D architectures registered ``multi_slice``."""
-    if isinstance(out_chans, bool) or not isinstance(out_chans, int) or out_chans < 1 or out_chans % 2 == 0:
+    if not is_int(out_chans) or out_chans < 1 or out_chans % 2 == 0:
         raise ValueError(f"out_chans must be odd (1, 3, 5, ...): the planes predicted around the middle input plane; "
                          f"got {out_chans!r}")
     if out_chans == 1:

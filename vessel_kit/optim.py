@@ -21,6 +21,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from .values import is_int
+
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULERS",
@@ -136,7 +138,7 @@ def build_optimizer(config: OptimConfig, params: Iterable[torch.nn.Parameter]) -
 def build_scheduler(config: OptimConfig, optimizer: Optimizer, total_steps: int) -> LRScheduler:
     """The learning-rate schedule ``config.scheduler`` names, for a run of ``total_steps``
     optimiser steps (``scheduler.step()`` after each)."""
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+    if not is_int(total_steps) or total_steps < 1:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
     return _registered(SCHEDULERS, config.scheduler, "scheduler")(optimizer, config, total_steps)
 

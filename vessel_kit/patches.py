@@ -23,6 +23,7 @@ from .augment import augment_intensity, build_intensity_augmentation, random_rot
 from .data import SampledVolumes, TrainVolume, as_probability, check_probabilities, checked_zoom_range, window_inside
 from .normalize import Normalization
 from .oblique import sample_box
+from .values import is_int
 
 __all__ = ["PatchConfig", "PatchDataset", "extract_box"]
 
@@ -61,7 +62,7 @@ class PatchConfig:
 
     def __post_init__(self) -> None:
         size = tuple(self.patch_size)
-        if len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+        if len(size) != 3 or not all(is_int(s) and s >= 1 for s in size):
             raise ValueError(f"patch_size must be 3 positive ints (D, H, W), got {self.patch_size!r}")
         object.__setattr__(self, "patch_size", size)
         if not 0.0 <= self.foreground_fraction <= 1.0:

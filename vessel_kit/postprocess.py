@@ -27,6 +27,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .hull import ball_dilated_slices
+from .values import is_int
 
 # A (Z, Y, X) array of scores, or a function that yields its slices afresh on each call (e.g.
 # logits resampled on the fly): the functions below read the slices several times.
@@ -97,7 +98,7 @@ def hull_gate(mask: np.ndarray, other: np.ndarray, dilation: int, *, out: np.nda
             raise ValueError(f"hull_gate: {name} must be a (Z, Y, X) bool array, got {array.shape} {array.dtype}")
     if other.shape != mask.shape:
         raise ValueError(f"hull_gate: other has shape {other.shape}, mask {mask.shape}")
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 0:
+    if not is_int(dilation) or dilation < 0:
         raise ValueError(f"hull_gate: dilation must be a non-negative int (voxels), got {dilation!r}")
     out = mask_output(out, mask.shape)
     for z, hull in enumerate(ball_dilated_slices(other, dilation)):

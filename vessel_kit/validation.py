@@ -24,7 +24,7 @@ from .metric import dice
 from .normalize import Normalization
 from .resample import resample_volume, scaled_shape
 
-__all__ = ["ValidationCase", "validate", "validation_cases"]
+__all__ = ["ValidationCase", "calibrated_record", "validate", "validation_cases", "validation_logits"]
 
 
 @dataclass(frozen=True)
@@ -72,26 +72,37 @@ def validate(
     component_sizes: Sequence[int] | None = None,
     calibration_tolerance: float = 0.0,
 ) -> dict[str, float]:
-    """Surface Dice and Dice of whole-slice predictions along ``axes`` (no TTA). Every epoch
-    uses xy alone (cheap, a lower bound of what more axes reach); training calibrates the final
-    threshold on every axis, as inference averages them by default (averaged logits are less
-    extreme than one axis', so a threshold found on xy alone would be too high).
+    """Surface Dice and Dice of whole-slice predictions along ``axes`` (no TTA): the cases'
+    ``validation_logits`` scored by ``calibrated_record``. Every epoch uses xy alone (cheap, a
+    lower bound of what more axes reach); training calibrates the final threshold on every axis,
+    as inference averages them by default (averaged logits are less extreme than one axis', so a
+    threshold found on xy alone would be too high). The options are those two functions'."""
+    logits = validation_logits(model, cases, in_chans=in_chans, normalization=normalization,
+                               model_voxel_size_um=model_voxel_size_um, device=device, batch_size=batch_size,
+                               axes=axes, tile_size=tile_size, pad_planes_to=pad_planes_to)
+    return calibrated_record(logits, cases, model_voxel_size_um=model_voxel_size_um, threshold=threshold,
+                             component_sizes=component_sizes, calibration_tolerance=calibration_tolerance)
 
-    ``threshold`` None calibrates it: the grid probability with the best mean surface Dice over
-    the cases (``calibration.THRESHOLD_GRID``). ``tile_size`` (None: whole planes, or the whole
-    volume for a 3D model) is the window ``infer_volume`` predicts with, e.g. a 3D model's
-    training patch; ``pad_planes_to`` pads whole planes up to at least that side (the training
-    crop: the xz planes of a thin case are otherwise mostly border). Returns ``val_threshold``, the mean
-    ``val_surface_dice`` and ``val_dice``, and both per case (``val_surface_dice_<case>``).
 
-    ``component_sizes`` (e.g. ``calibration.COMPONENT_SIZE_GRID``): also pick, at that threshold,
-    the smallest component to keep (``calibrate_min_component_size``, counted at the model's
-    resolution); the record then adds ``val_min_component_size`` and the mean and per-case surface
-    Dice with it (``val_surface_dice_cleaned``, ``val_surface_dice_cleaned_<case>``).
-    ``calibration_tolerance``: the lowest threshold, and smallest component size, within it of
-    the best mean score instead of the best (``calibration``).
-    """
-    logits = [
+def validation_logits(
+    model: torch.nn.Module,
+    cases: Sequence[ValidationCase],
+    *,
+    in_chans: int,
+    normalization: Normalization,
+    model_voxel_size_um: float | None,
+    device: torch.device,
+    batch_size: int = 4,
+    axes: Sequence[str] = ("xy",),
+    tile_size: int | Sequence[int] | None = None,
+    pad_planes_to: int | None = None,
+) -> list[np.ndarray]:
+    """Each case's float16 logits, predicted as ``infer_volume`` would along ``axes`` without TTA.
+    ``tile_size`` (None: whole planes, or the whole volume for a 3D model) is the window
+    ``infer_volume`` predicts with, e.g. a 3D model's training patch; ``pad_planes_to`` pads
+    whole planes up to at least that side (the training crop: the xz planes of a thin case are
+    otherwise mostly border)."""
+    return [
         infer_volume(
             case.images, model, axes=tuple(axes), tta="none", in_chans=in_chans, normalization=normalization,
             batch_size=batch_size, device=device, voxel_size_um=case.voxel_size_um,
@@ -100,6 +111,32 @@ def validate(
         )
         for case in cases
     ]
+
+
+def calibrated_record(
+    logits: Sequence[np.ndarray],
+    cases: Sequence[ValidationCase],
+    *,
+    model_voxel_size_um: float | None,
+    threshold: float | None = None,
+    component_sizes: Sequence[int] | None = None,
+    calibration_tolerance: float = 0.0,
+) -> dict[str, float]:
+    """The validation record of the cases' ``logits``: ``val_threshold`` (``threshold``, or None
+    to calibrate it: the grid probability with the best mean surface Dice over the cases,
+    ``calibration.THRESHOLD_GRID``), the mean ``val_surface_dice`` and ``val_dice`` at it, and
+    both per case (``val_surface_dice_<case>``).
+
+    ``component_sizes`` (e.g. ``calibration.COMPONENT_SIZE_GRID``): also pick, at that threshold,
+    the smallest component to keep (``calibrate_min_component_size``, counted at the model's
+    resolution); the record then adds ``val_min_component_size`` and the mean and per-case surface
+    Dice with it (``val_surface_dice_cleaned``, ``val_surface_dice_cleaned_<case>``).
+    ``calibration_tolerance``: the lowest threshold, and smallest component size, within it of
+    the best mean score instead of the best (``calibration``). Several tolerances can so be
+    compared on logits predicted once.
+    """
+    if len(logits) != len(cases):
+        raise ValueError(f"need one logit volume per validation case, got {len(logits)} for {len(cases)}")
     truths = [case.truth for case in cases]
     grid = THRESHOLD_GRID if threshold is None else (threshold,)
     scores = threshold_scores(logits, truths, grid)

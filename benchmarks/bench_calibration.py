@@ -1,0 +1,146 @@
+"""Calibration rules compared on trained checkpoints: each ``--tolerances`` value recalibrates the
+threshold and the smallest component kept, as training's final calibration does (3-axis
+validation logits of the recipe's validation volumes, at their own voxel size and at the
+recipe's ``val_voxel_sizes_um``), then scores the dataset's test volumes (truth from its
+``solution.csv``) and the outside probe (``bench_outside_probe``) with that rule.
+
+It is how ``calibration_tolerance: 0.01`` of the synthetic_cpu recipe was chosen: tolerance 0 is
+the best mean validation score; a tolerance t > 0 takes the lowest threshold, then the smallest
+component size, within t of it. Each checkpoint's validation and test logits are predicted once;
+the rules only re-cut them. Checkpoints of the same recipe trained with other seeds or options
+tell a rule that transfers from one that fits one model.
+
+    vessel-kit demo --out demo_out   # or: vessel-kit synth demo_out/data && vessel-kit train ...
+    python benchmarks/bench_calibration.py demo_out/run/best.safetensors --data demo_out/data --json /tmp/cal.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+import _common  # noqa: E402
+from bench_outside_probe import VARIANTS, VOXEL_SIZE_UM, probe_volume  # noqa: E402
+
+HEADERS = ("checkpoint", "tolerance", "threshold", "min component", "validation", "test mean", "probe mean", "scores")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from vessel_kit.axes import AXES
+    from vessel_kit.calibration import COMPONENT_SIZE_GRID
+    from vessel_kit.infer_config import InferConfig
+    from vessel_kit.layout import find_volumes, load_train_volumes
+    from vessel_kit.metric import surface_dice
+    from vessel_kit.models import load_checkpoint
+    from vessel_kit.predictor import Predictor
+    from vessel_kit.qc import read_solution_volume
+    from vessel_kit.train_config import TrainConfig
+    from vessel_kit.validation import calibrated_record, validation_cases, validation_logits
+
+    print(_common.describe_machine(_common.machine_info()))
+    recipe = TrainConfig.from_dict({"base": args.recipe, "data_root": str(args.data), "out_dir": "unused",
+                                    "progress": False})
+    val_volumes = load_train_volumes(args.data, recipe.val_volumes, soft_labels=recipe.soft_labels, progress=False)
+    cases = validation_cases(val_volumes, recipe.val_voxel_sizes_um)
+    tests = [(volume.name, volume.read_images(), read_solution_volume(args.data / "solution.csv", volume.name),
+              volume.voxel_size_um) for volume in find_volumes(args.data, "test")]
+    tests += [(variant, *probe_volume(variant, args.probe_seed + index), VOXEL_SIZE_UM)
+              for index, variant in enumerate(VARIANTS)]
+    probe_names = set(VARIANTS)
+    infer_config = InferConfig.load(args.config).replace(progress=False)
+    device = torch.device("cpu")
+
+    rows, results = [], []
+    for checkpoint in args.checkpoints:
+        started = time.perf_counter()
+        model, model_config = load_checkpoint(checkpoint, device=device)
+        val_logits = validation_logits(model, cases, in_chans=model_config.in_chans,
+                                       normalization=model_config.normalization,
+                                       model_voxel_size_um=model_config.voxel_size_um, device=device,
+                                       batch_size=recipe.val_batch_size, axes=AXES, pad_planes_to=recipe.sample_size)
+        predictor = Predictor(checkpoint, infer_config)
+        test_logits = [predictor.logits(image, voxel_size_um=size) for _, image, _, size in tests]
+        for tolerance in args.tolerances:
+            record = calibrated_record(val_logits, cases, model_voxel_size_um=model_config.voxel_size_um,
+                                       component_sizes=COMPONENT_SIZE_GRID, calibration_tolerance=tolerance)
+            threshold, size = record["val_threshold"], record["val_min_component_size"]
+            # the checkpoint as training would have written it with this rule (the component size
+            # is counted at the model's resolution and scales with each volume's voxel size)
+            rule = Predictor(dataclasses.replace(predictor.ensemble, threshold=threshold, min_component_size=size),
+                             infer_config)
+            scores = {name: float(surface_dice(truth, rule.to_mask(logits)))
+                      for (name, _, truth, _), logits in zip(tests, test_logits, strict=True)}
+            test_mean = float(np.mean([s for name, s in scores.items() if name not in probe_names]))
+            probe_mean = float(np.mean([s for name, s in scores.items() if name in probe_names]))
+            results.append({"checkpoint": str(checkpoint), "tolerance": tolerance, "threshold": threshold,
+                            "min_component_size": size, "validation": record["val_surface_dice_cleaned"],
+                            "test_mean": test_mean, "probe_mean": probe_mean, "scores": scores})
+            rows.append((_short(checkpoint), f"{tolerance:g}", f"{threshold:g}", size,
+                         f"{record['val_surface_dice_cleaned']:.3f}", f"{test_mean:.3f}", f"{probe_mean:.3f}",
+                         " ".join(f"{name} {score:.3f}" for name, score in scores.items())))
+        print(f"{checkpoint}: {time.perf_counter() - started:.0f} s", flush=True)
+    _common.print_table(HEADERS, rows)
+    _print_changes(results, args.tolerances)
+    sources = _common.source_digests("vessel_kit.calibration", "vessel_kit.validation", "vessel_kit.predictor")
+    _common.write_json(args.json, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                   "results": results, "sources": sources})
+    return 0
+
+
+def _print_changes(results: list[dict], tolerances: list[float]) -> None:
+    """Each tolerance's mean change of the test and probe means against the first tolerance, over
+    the checkpoints (what the recipe's choice rests on)."""
+    first = tolerances[0]
+    base = {r["checkpoint"]: r for r in results if r["tolerance"] == first}
+    for tolerance in tolerances[1:]:
+        rows = [r for r in results if r["tolerance"] == tolerance]
+        test = [r["test_mean"] - base[r["checkpoint"]]["test_mean"] for r in rows]
+        probe = [r["probe_mean"] - base[r["checkpoint"]]["probe_mean"] for r in rows]
+        print(f"tolerance {tolerance:g} vs {first:g}: test mean {np.mean(test):+.3f} ({min(test):+.3f} to "
+              f"{max(test):+.3f}), probe mean {np.mean(probe):+.3f} ({min(probe):+.3f} to {max(probe):+.3f})")
+
+
+def _short(checkpoint: Path) -> str:
+    """The checkpoint's last three path parts (``<experiment>/<run folder>/<file>``): checkpoints
+    are told apart by their run."""
+    return "/".join(checkpoint.resolve().parts[-3:])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoints (.safetensors) of one recipe")
+    parser.add_argument("--data", type=Path, default=Path("demo_out/data"),
+                        help="the dataset they were trained on: its validation volumes, test volumes and "
+                             "solution.csv (default demo_out/data)")
+    parser.add_argument("--recipe", default="synthetic_cpu", help="recipe naming the validation volumes and "
+                        "voxel sizes (default synthetic_cpu)")
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02],
+                        help="calibration tolerances to compare; the first is the reference (default 0 0.005 0.01 0.02)")
+    parser.add_argument("--config", default="cpu", help="named InferConfig for the test volumes (default cpu)")
+    parser.add_argument("--probe-seed", type=int, default=100, help="seed of the first probe volume (default 100)")
+    parser.add_argument("--json", help="also write the results as JSON to this path")
+    args = parser.parse_args(argv)
+    missing = [str(path) for path in args.checkpoints if not path.is_file()]
+    if missing:
+        parser.error(f"no checkpoint file at {missing}")
+    if not (args.data / "solution.csv").is_file():
+        parser.error(f"{args.data} has no solution.csv (the test volumes' truth)")
+    bad = [t for t in args.tolerances if not 0.0 <= t < 1.0]
+    if bad:
+        parser.error(f"tolerances must be in [0, 1), got {bad}")
+    return args
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
