@@ -218,8 +218,8 @@ def test_a_run_with_a_flat_config_yaml_resumes(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"x")
     canonical = train_module.canonical_config
     assert train_module.claim_run_dir(tmp_path, config.to_dict(), canonical=canonical) == "resume"
-    other = TrainConfig.from_dict({**config.to_dict(), "crops": {**config.to_dict()["crops"], "crop_size": 96}})
-    with pytest.raises(ValueError, match=r"another config \(crops.crop_size: 128 -> 96\)"):
+    other = TrainConfig.from_dict({**config.to_dict(), "crops": {**config.to_dict()["crops"], "crop_size": 64}})
+    with pytest.raises(ValueError, match=r"another config \(crops.crop_size: 96 -> 64\)"):
         train_module.claim_run_dir(tmp_path, other.to_dict(), canonical=canonical)
 
 
