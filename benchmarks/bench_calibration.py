@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
               for index, variant in enumerate(VARIANTS)]
     probe_names = set(VARIANTS)
     infer_config = InferConfig.load(args.config).replace(progress=False)
+    if args.tile_size is not None:
+        infer_config = infer_config.replace(tile_size=args.tile_size)
     device = torch.device("cpu")
 
     rows, results = [], []
@@ -128,6 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02],
                         help="calibration tolerances to compare; the first is the reference (default 0 0.005 0.01 0.02)")
     parser.add_argument("--config", default="cpu", help="named InferConfig for the test volumes (default cpu)")
+    parser.add_argument("--tile-size", type=int, help="inference tile for the test volumes (default: the "
+                        "config's, else each checkpoint's training crop)")
     parser.add_argument("--probe-seed", type=int, default=100, help="seed of the first probe volume (default 100)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
@@ -136,6 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"no checkpoint file at {missing}")
     if not (args.data / "solution.csv").is_file():
         parser.error(f"{args.data} has no solution.csv (the test volumes' truth)")
+    if args.tile_size is not None and args.tile_size < 16:
+        parser.error(f"--tile-size must be at least 16 pixels, got {args.tile_size}")
     bad = [t for t in args.tolerances if not 0.0 <= t < 1.0]
     if bad:
         parser.error(f"tolerances must be in [0, 1), got {bad}")
