@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     from vessel_kit.infer_config import InferConfig
     from vessel_kit.layout import find_volumes, load_train_volumes
     from vessel_kit.metric import surface_dice
-    from vessel_kit.models import load_checkpoint
     from vessel_kit.predictor import Predictor
     from vessel_kit.qc import read_solution_volume
     from vessel_kit.train_config import TrainConfig
@@ -66,20 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     rows, results = [], []
     for checkpoint in args.checkpoints:
         started = time.perf_counter()
-        model, model_config = load_checkpoint(checkpoint, device=device)
-        val_logits = validation_logits(model, cases, in_chans=model_config.in_chans,
-                                       normalization=model_config.normalization,
-                                       model_voxel_size_um=model_config.voxel_size_um, device=device,
-                                       batch_size=recipe.val_batch_size, axes=AXES, pad_planes_to=recipe.sample_size)
-        predictor = Predictor(checkpoint, infer_config)
+        predictor = Predictor(checkpoint, infer_config)  # loads the checkpoint once, for both passes
+        ensemble = predictor.ensemble
+        val_logits = validation_logits(ensemble.models[0], cases, in_chans=ensemble.in_chans,
+                                       normalization=ensemble.normalization, model_voxel_size_um=ensemble.voxel_size_um,
+                                       device=device, batch_size=recipe.val_batch_size, axes=AXES,
+                                       pad_planes_to=recipe.sample_size)
         test_logits = [predictor.logits(image, voxel_size_um=size) for _, image, _, size in tests]
         for tolerance in args.tolerances:
-            record = calibrated_record(val_logits, cases, model_voxel_size_um=model_config.voxel_size_um,
+            record = calibrated_record(val_logits, cases, model_voxel_size_um=ensemble.voxel_size_um,
                                        component_sizes=COMPONENT_SIZE_GRID, calibration_tolerance=tolerance)
             threshold, size = record["val_threshold"], record["val_min_component_size"]
             # the checkpoint as training would have written it with this rule (the component size
             # is counted at the model's resolution and scales with each volume's voxel size)
-            rule = Predictor(dataclasses.replace(predictor.ensemble, threshold=threshold, min_component_size=size),
+            rule = Predictor(dataclasses.replace(ensemble, threshold=threshold, min_component_size=size),
                              infer_config)
             scores = {name: float(surface_dice(truth, rule.to_mask(logits)))
                       for (name, _, truth, _), logits in zip(tests, test_logits, strict=True)}

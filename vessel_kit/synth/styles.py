@@ -153,7 +153,7 @@ def _is_pair(value: object, kind: type) -> bool:
     return (
         isinstance(value, tuple)
         and len(value) == 2
-        and all(isinstance(v, kind) and not isinstance(v, bool) and is_finite_real(v) for v in value)
+        and all(isinstance(v, kind) and is_finite_real(v) for v in value)  # is_finite_real refuses bools
     )
 
 
