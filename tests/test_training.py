@@ -133,6 +133,15 @@ def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_pa
         tiny_config(data_root, tmp_path / "bad", val_voxel_sizes_um=[0])
 
 
+def test_epochs_before_val_from_epoch_are_not_validated_nor_best(data_root, tmp_path):
+    result = train(tiny_config(data_root, tmp_path / "run", epochs=3, val_from_epoch=2))
+    assert ["val_surface_dice" in r for r in result.history] == [False, False, True]
+    assert ["selection_score" in r for r in result.history] == [False, False, True]
+    assert result.best_epoch == 2
+    assert result.history[2]["selection_score"] == result.history[2]["val_surface_dice"]  # smoothing starts there
+    assert (tmp_path / "run" / "curves.png").is_file()
+
+
 @pytest.mark.parametrize("option, match", [
     ({"epochs": "ten"}, "training option epochs must be int, got 'ten'"),
     ({"batch_size": 2.5}, "training option batch_size must be int"),
@@ -153,6 +162,9 @@ def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_pa
     ({"val_score_smoothing": -0.1}, "val_score_smoothing must be in"),
     ({"calibration_tolerance": -0.01}, "calibration_tolerance must be a surface Dice difference in \\[0, 1\\), got -0.01"),
     ({"calibration_tolerance": float("inf")}, "calibration_tolerance must be"),
+    ({"val_from_epoch": 20}, "val_from_epoch must be an epoch of the run, in \\[0, epochs = 20\\), got 20"),
+    ({"val_from_epoch": -1}, "val_from_epoch must be an epoch of the run"),
+    ({"val_from_epoch": True}, "training option val_from_epoch must be int"),
 ])
 def test_bad_option_values_are_named(option, match):
     with pytest.raises(ValueError, match=match):

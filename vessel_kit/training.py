@@ -144,7 +144,8 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult | Memb
                                    device, use_amp, epoch)
         evaluated = ema.module if ema else model
         record = {"epoch": epoch, **train_stats, "lr": scheduler.get_last_lr()[0]}
-        if val_cases:
+        validated = bool(val_cases) and epoch >= config.val_from_epoch
+        if validated:
             record.update(validate(
                 evaluated, val_cases, in_chans=config.model.in_chans, normalization=normalization,
                 model_voxel_size_um=model_config.voxel_size_um, device=device,
@@ -153,13 +154,16 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult | Memb
                 calibration_tolerance=config.calibration_tolerance,
             ))
         record["seconds"] = round(time.perf_counter() - started, 2)
-        score = record["selection_score"] = _selection_score(record, history, config.val_score_smoothing)
+        # an epoch before val_from_epoch has no score to compare: it is saved as last, never as best
+        selectable = validated or not val_cases
+        if selectable:
+            record["selection_score"] = _selection_score(record, history, config.val_score_smoothing)
         history.append(record)
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         checkpoint = {"metrics": metrics, "extra": trained_on, "threshold": record.get("val_threshold")}
         save_checkpoint(out_dir / "last.safetensors", evaluated, model_config, **checkpoint)
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch}
+        if selectable and record["selection_score"] > best["score"]:
+            best = {"score": record["selection_score"], "epoch": epoch}
             save_checkpoint(out_dir / "best.safetensors", evaluated, model_config, **checkpoint)
         save_training_state(
             state_path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, epoch=epoch,
@@ -339,8 +343,9 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     loss_axis.set_title("loss")
     loss_axis.legend()
     for key in ("val_surface_dice", "val_dice"):
-        if key in history[0]:
-            score_axis.plot(epochs, [r[key] for r in history], marker="o", label=key)
+        validated = [r for r in history if key in r]  # epochs before val_from_epoch have no score
+        if validated:
+            score_axis.plot([r["epoch"] for r in validated], [r[key] for r in validated], marker="o", label=key)
     score_axis.set_xlabel("epoch")
     score_axis.set_title("validation")
     score_axis.set_ylim(0, 1)
