@@ -1,17 +1,19 @@
-"""Calibration rules compared on trained checkpoints: each ``--tolerances`` value recalibrates the
-threshold and the smallest component kept, as training's final calibration does (3-axis
+"""Calibration rules compared on trained checkpoints: each ``--rules`` x ``--tolerances`` pair
+recalibrates the threshold and the smallest component kept, as training's final calibration does (3-axis
 validation logits of the recipe's validation volumes, at their own voxel size and at the
 recipe's ``val_voxel_sizes_um``), then scores the dataset's test volumes (truth from its
 ``solution.csv``) and the outside probe (``bench_outside_probe``) with that rule.
 
-It is how ``calibration_tolerance: 0.01`` of the synthetic_cpu recipe was chosen: tolerance 0 is
-the best mean validation score; a tolerance t > 0 takes the lowest threshold, then the smallest
-component size, within t of it. Each checkpoint's validation and test logits are predicted once;
+It is how ``calibration_tolerance: 0.01`` and ``calibration_rule: case_median`` of the
+synthetic_cpu recipe were chosen: rule ``mean`` at tolerance 0 is the best mean validation score; a
+tolerance t > 0 takes the lowest threshold, then the smallest component size, within t of it;
+``case_median`` takes the median of the cases' own cuts (``vessel_kit.calibration``). Each checkpoint's validation and test logits are predicted once;
 the rules only re-cut them. Checkpoints of the same recipe trained with other seeds or options
 tell a rule that transfers from one that fits one model.
 
     vessel-kit demo --out demo_out   # or: vessel-kit synth demo_out/data && vessel-kit train ...
     python benchmarks/bench_calibration.py demo_out/run/best.safetensors --data demo_out/data --json /tmp/cal.json
+    python benchmarks/bench_calibration.py CKPT... --rules mean case_median --tolerances 0.01
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import _common  # noqa: E402
 from bench_outside_probe import VARIANTS, VOXEL_SIZE_UM, probe_volume  # noqa: E402
+from vessel_kit.calibration import CALIBRATION_RULES  # noqa: E402
 
-HEADERS = ("checkpoint", "tolerance", "threshold", "min component", "validation", "test mean", "probe mean", "scores")
+HEADERS = ("checkpoint", "rule", "tolerance", "threshold", "min component", "validation", "test mean", "probe mean", "scores")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                                        device=device, batch_size=recipe.val_batch_size, axes=AXES,
                                        pad_planes_to=recipe.sample_size)
         test_logits = [predictor.logits(image, voxel_size_um=size) for _, image, _, size in tests]
-        for tolerance in args.tolerances:
+        for rule, tolerance in _rules(args):
             record = calibrated_record(val_logits, cases, model_voxel_size_um=ensemble.voxel_size_um,
-                                       component_sizes=COMPONENT_SIZE_GRID, calibration_tolerance=tolerance)
+                                       component_sizes=COMPONENT_SIZE_GRID, calibration_tolerance=tolerance,
+                                       calibration_rule=rule)
             threshold, size = record["val_threshold"], record["val_min_component_size"]
             # the checkpoint as training would have written it with this rule (the component size
             # is counted at the model's resolution and scales with each volume's voxel size)
@@ -84,32 +88,40 @@ def main(argv: list[str] | None = None) -> int:
                       for (name, _, truth, _), logits in zip(tests, test_logits, strict=True)}
             test_mean = float(np.mean([s for name, s in scores.items() if name not in probe_names]))
             probe_mean = float(np.mean([s for name, s in scores.items() if name in probe_names]))
-            results.append({"checkpoint": str(checkpoint), "tolerance": tolerance, "threshold": threshold,
+            results.append({"checkpoint": str(checkpoint), "rule": rule, "tolerance": tolerance, "threshold": threshold,
                             "min_component_size": size, "validation": record["val_surface_dice_cleaned"],
                             "test_mean": test_mean, "probe_mean": probe_mean, "scores": scores})
-            rows.append((_short(checkpoint), f"{tolerance:g}", f"{threshold:g}", size,
+            rows.append((_short(checkpoint), rule, f"{tolerance:g}", f"{threshold:g}", size,
                          f"{record['val_surface_dice_cleaned']:.3f}", f"{test_mean:.3f}", f"{probe_mean:.3f}",
                          " ".join(f"{name} {score:.3f}" for name, score in scores.items())))
         print(f"{checkpoint}: {time.perf_counter() - started:.0f} s", flush=True)
     _common.print_table(HEADERS, rows)
-    _print_changes(results, args.tolerances)
+    _print_changes(results, _rules(args))
     sources = _common.source_digests("vessel_kit.calibration", "vessel_kit.validation", "vessel_kit.predictor")
     _common.write_json(args.json, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                    "results": results, "sources": sources})
     return 0
 
 
-def _print_changes(results: list[dict], tolerances: list[float]) -> None:
-    """Each tolerance's mean change of the test and probe means against the first tolerance, over
-    the checkpoints (what the recipe's choice rests on)."""
-    first = tolerances[0]
-    base = {r["checkpoint"]: r for r in results if r["tolerance"] == first}
-    for tolerance in tolerances[1:]:
-        rows = [r for r in results if r["tolerance"] == tolerance]
+def _rules(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The (rule, tolerance) pairs compared, the first one the reference."""
+    return [(rule, tolerance) for rule in args.rules for tolerance in args.tolerances]
+
+
+def _print_changes(results: list[dict], rules: list[tuple[str, float]]) -> None:
+    """Each rule's mean change of the test and probe means against the first rule, over the
+    checkpoints (what the recipe's choice rests on)."""
+    def picked(rule: tuple[str, float]) -> list[dict]:
+        return [r for r in results if (r["rule"], r["tolerance"]) == rule]
+
+    base = {r["checkpoint"]: r for r in picked(rules[0])}
+    for rule in rules[1:]:
+        rows = picked(rule)
         test = [r["test_mean"] - base[r["checkpoint"]]["test_mean"] for r in rows]
         probe = [r["probe_mean"] - base[r["checkpoint"]]["probe_mean"] for r in rows]
-        print(f"tolerance {tolerance:g} vs {first:g}: test mean {np.mean(test):+.3f} ({min(test):+.3f} to "
-              f"{max(test):+.3f}), probe mean {np.mean(probe):+.3f} ({min(probe):+.3f} to {max(probe):+.3f})")
+        print(f"{rule[0]} at tolerance {rule[1]:g} vs {rules[0][0]} at {rules[0][1]:g}: test mean {np.mean(test):+.3f} "
+              f"({min(test):+.3f} to {max(test):+.3f}), probe mean {np.mean(probe):+.3f} ({min(probe):+.3f} to "
+              f"{max(probe):+.3f})")
 
 
 def _short(checkpoint: Path) -> str:
@@ -128,6 +140,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "voxel sizes (default synthetic_cpu)")
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.0, 0.005, 0.01, 0.02],
                         help="calibration tolerances to compare; the first is the reference (default 0 0.005 0.01 0.02)")
+    parser.add_argument("--rules", nargs="+", default=["mean"], choices=CALIBRATION_RULES,
+                        help="calibration rules to compare, each at every tolerance; the first rule at the first "
+                             "tolerance is the reference (default mean)")
     parser.add_argument("--config", default="cpu", help="named InferConfig for the test volumes (default cpu)")
     parser.add_argument("--tile-size", type=int, help="inference tile for the test volumes (default: the "
                         "config's, else each checkpoint's training crop)")

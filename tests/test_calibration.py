@@ -73,6 +73,25 @@ def test_a_tolerance_takes_the_lowest_cut_and_smallest_size_that_validation_cann
             calibrate_min_component_size([mask], [truth], tolerance=bad)
 
 
+def test_the_case_median_rule_gives_each_case_one_vote():
+    """A confident case with large score swings sets the mean rule's cut; the case-median rule
+    takes the median of the cases' own cuts (with a tolerance, each case's lowest near its best)."""
+    from vessel_kit.calibration import best_threshold_row
+
+    grid = (0.05, 0.1, 0.3, 0.5, 0.7)
+    confident = [0.20, 0.30, 0.50, 0.795, 0.83]  # its best, also within 0.01: 0.7
+    barely_found = [0.10, 0.09, 0.08, 0.06, 0.05]  # best: 0.05
+    faint = [0.30, 0.32, 0.315, 0.30, 0.29]  # best: 0.1
+    scores = np.array([confident, barely_found, faint]).T
+    assert grid[best_threshold_row(scores, grid)] == 0.7
+    assert grid[best_threshold_row(scores, grid, rule="case_median")] == 0.1
+    assert grid[best_threshold_row(scores, grid, tolerance=0.01, rule="case_median")] == 0.1
+    # two cases (cuts 0.7 and 0.05): the median probability 0.375, nearest in logit 0.3
+    assert grid[best_threshold_row(scores[:, :2], grid, tolerance=0.01, rule="case_median")] == 0.3
+    with pytest.raises(ValueError, match="calibration rule must be one of \\['mean', 'case_median'\\], got 'median'"):
+        best_threshold_row(scores, grid, rule="median")
+
+
 class Affine(torch.nn.Module):
     """A "model" whose logit is logit(0.05) on background (0) and logit(0.3) on vessel (1) pixels."""
 

@@ -140,6 +140,9 @@ def test_epochs_before_val_from_epoch_are_not_validated_nor_best(data_root, tmp_
     assert result.best_epoch == 2
     assert result.history[2]["selection_score"] == result.history[2]["val_surface_dice"]  # smoothing starts there
     assert (tmp_path / "run" / "curves.png").is_file()
+    # a recipe's val_from_epoch beyond a shortened run: its last epoch is still validated, and best
+    short = train(tiny_config(data_root, tmp_path / "short", epochs=1, val_from_epoch=4))
+    assert "val_surface_dice" in short.history[0] and short.best_epoch == 0
 
 
 @pytest.mark.parametrize("option, match", [
@@ -162,8 +165,8 @@ def test_epochs_before_val_from_epoch_are_not_validated_nor_best(data_root, tmp_
     ({"val_score_smoothing": -0.1}, "val_score_smoothing must be in"),
     ({"calibration_tolerance": -0.01}, "calibration_tolerance must be a surface Dice difference in \\[0, 1\\), got -0.01"),
     ({"calibration_tolerance": float("inf")}, "calibration_tolerance must be"),
-    ({"val_from_epoch": 20}, "val_from_epoch must be an epoch of the run, in \\[0, epochs = 20\\), got 20"),
-    ({"val_from_epoch": -1}, "val_from_epoch must be an epoch of the run"),
+    ({"calibration_rule": "median"}, "calibration_rule must be one of \\['mean', 'case_median'\\], got 'median'"),
+    ({"val_from_epoch": -1}, "val_from_epoch must be an epoch number >= 0, got -1"),
     ({"val_from_epoch": True}, "training option val_from_epoch must be int"),
 ])
 def test_bad_option_values_are_named(option, match):

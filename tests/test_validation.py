@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from vessel_kit.calibration import THRESHOLD_GRID, best_threshold_row, threshold_scores
 from vessel_kit.data import TrainVolume
 from vessel_kit.normalize import Normalization
 from vessel_kit.validation import calibrated_record, validate, validation_cases, validation_logits
@@ -66,5 +67,10 @@ def test_logits_predicted_once_recalibrate_as_validate_does():
     record = calibrated_record(logits, cases, model_voxel_size_um=50.0, component_sizes=(0, 10))
     assert record == validate(Intensity(), cases, in_chans=3, component_sizes=(0, 10), **common)
     assert calibrated_record(logits, cases, model_voxel_size_um=50.0, threshold=0.5)["val_surface_dice"] == 0.0
+    # the rule reaches the threshold: the median of the two cases' own cuts, a grid value
+    scores = threshold_scores(logits, [case.truth for case in cases])
+    median = calibrated_record(logits, cases, model_voxel_size_um=50.0, calibration_rule="case_median")
+    assert median["val_threshold"] == THRESHOLD_GRID[best_threshold_row(scores, THRESHOLD_GRID, rule="case_median")]
+    assert validate(Intensity(), cases, in_chans=3, calibration_rule="case_median", **common) == median
     with pytest.raises(ValueError, match="one logit volume per validation case, got 1 for 2"):
         calibrated_record(logits[:1], cases, model_voxel_size_um=50.0)

@@ -18,6 +18,15 @@ true vessel voxels at the calibrated cut), and a few small validation volumes ca
 cuts whose scores differ by less than their noise. ``tolerance`` > 0 therefore takes the lowest
 cut, and then the smallest component size, whose mean validation score is within ``tolerance``
 of the best: the choice that keeps more voxels among those validation cannot rank.
+
+How the cases' scores make one cut is the ``rule`` (``CALIBRATION_RULES``):
+
+* ``mean``: the cut with the best mean score over the cases (with ``tolerance``: the lowest
+  within it). A case the model segments well and confidently has the largest score swings, so it
+  sets the cut — for the look the model knows best, which is too high for scans it does not know.
+* ``case_median``: each case's own cut (its best, or with ``tolerance`` its lowest within it of
+  its best), then the grid cut nearest (in logit) the median of those: every case one vote, so
+  the cases the model barely finds (which want low cuts) weigh as much as the one it knows.
 """
 
 from __future__ import annotations
@@ -35,10 +44,11 @@ from .values import is_finite_real
 # Candidate smallest components (voxels at the model's resolution): 0 keeps everything; 1000
 # voxels is a 12-voxel cube, a few vessel segments.
 COMPONENT_SIZE_GRID = (0, 10, 30, 100, 300, 1000)
+CALIBRATION_RULES = ("mean", "case_median")
 THRESHOLD_GRID = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 
-__all__ = ["COMPONENT_SIZE_GRID", "THRESHOLD_GRID", "best_threshold_row", "calibrate_min_component_size",
-           "calibrate_threshold", "check_tolerance", "logit", "scaled_component_size", "threshold_scores"]
+__all__ = ["CALIBRATION_RULES", "COMPONENT_SIZE_GRID", "THRESHOLD_GRID", "best_threshold_row", "calibrate_min_component_size",
+           "calibrate_threshold", "check_rule", "check_tolerance", "logit", "scaled_component_size", "threshold_scores"]
 
 
 def threshold_scores(
@@ -71,23 +81,38 @@ def calibrate_threshold(
     grid: Sequence[float] = THRESHOLD_GRID,
     *,
     tolerance: float = 0.0,
+    rule: str = "mean",
 ) -> tuple[float, float]:
-    """(threshold, mean surface Dice at it): the grid probability with the best mean score over
-    the volumes, or the lowest within ``tolerance`` of it (``best_threshold_row``)."""
+    """(threshold, mean surface Dice at it): the grid probability that ``rule`` chooses from the
+    volumes' scores (``best_threshold_row``)."""
     scores = threshold_scores(logits, truths, grid)
-    row = best_threshold_row(scores, grid, tolerance=tolerance)
+    row = best_threshold_row(scores, grid, tolerance=tolerance, rule=rule)
     return float(grid[row]), float(scores[row].mean())
 
 
-def best_threshold_row(scores: np.ndarray, grid: Sequence[float], *, tolerance: float = 0.0) -> int:
-    """The row of ``threshold_scores`` with the best mean score; ties go to the probability
-    nearest 0.5 (the least committed choice). ``tolerance`` > 0: the lowest probability whose
-    mean score is within ``tolerance`` of the best."""
+def best_threshold_row(scores: np.ndarray, grid: Sequence[float], *, tolerance: float = 0.0, rule: str = "mean") -> int:
+    """The row of ``threshold_scores`` (one column per case) that ``rule`` chooses.
+
+    ``mean``: the best mean score; ties go to the probability nearest 0.5 (the least committed
+    choice); ``tolerance`` > 0: the lowest probability whose mean score is within ``tolerance`` of
+    the best. ``case_median``: that choice made for each case alone, then the row nearest (in
+    logit) the median of the cases' probabilities."""
     check_tolerance(tolerance)
+    check_rule(rule)
+    if rule == "case_median":
+        cuts = [grid[best_threshold_row(scores[:, [case]], grid, tolerance=tolerance)] for case in range(scores.shape[1])]
+        median = logit(float(np.median(cuts)))
+        return min(range(len(grid)), key=lambda row: abs(logit(grid[row]) - median))
     means = scores.mean(axis=1)
     if tolerance > 0:
         return min(_near_best_rows(means, tolerance), key=lambda row: grid[row])
     return max(range(len(grid)), key=lambda row: (round(float(means[row]), 12), -abs(grid[row] - 0.5)))
+
+
+def check_rule(rule: str, option: str = "calibration rule") -> None:
+    """ValueError naming ``option`` and the valid rules unless ``rule`` is one of ``CALIBRATION_RULES``."""
+    if rule not in CALIBRATION_RULES:
+        raise ValueError(f"{option} must be one of {list(CALIBRATION_RULES)}, got {rule!r}")
 
 
 def calibrate_min_component_size(

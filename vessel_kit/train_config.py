@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-from .calibration import check_tolerance
+from .calibration import check_rule, check_tolerance
 from .config_files import load_yaml_mapping
 from .config_sections import check_option_types, section_from_mapping
 from .data import CropConfig
@@ -145,13 +145,17 @@ class TrainConfig:
     # > 0: the lowest threshold (and smallest component size) whose validation score is within this
     # of the best, instead of the best: unseen scans are under-segmented at the best (calibration.py)
     calibration_tolerance: float = 0.0
+    # how the validation cases' scores make the threshold: "mean" (the best mean score) or
+    # "case_median" (each case's own cut, then their median: calibration.py)
+    calibration_rule: str = "mean"
     val_voxel_sizes_um: list[float] = field(default_factory=list)  # also validate resampled to these
     val_batch_size: int = 4
     # the best checkpoint is chosen on the validation score smoothed over epochs: s * previous + (1 - s) * this
     # epoch's (0: this epoch's alone; nnU-Net uses 0.9 over its 1000 epochs)
     val_score_smoothing: float = 0.0
-    # epochs before this one are not validated and cannot be the best: a one-cycle run's early epochs
-    # are never its best, and on 2 CPU cores each validation costs ~20 % of an epoch
+    # epochs before this one (but the last, always validated) are not validated and cannot be the best:
+    # a one-cycle run's early epochs are never its best, and on 2 CPU cores each validation costs ~20 %
+    # of an epoch
     val_from_epoch: int = 0
     resume: bool = True
     progress: bool = True
@@ -184,11 +188,11 @@ class TrainConfig:
         if self.val_threshold is not None and not 0.0 < self.val_threshold < 1.0:
             raise ValueError(f"val_threshold is a probability in (0, 1) or null (calibrate), got {self.val_threshold}")
         check_tolerance(self.calibration_tolerance, "calibration_tolerance")
+        check_rule(self.calibration_rule, "calibration_rule")
         if not (isinstance(self.val_score_smoothing, (int, float)) and 0.0 <= self.val_score_smoothing < 1.0):
             raise ValueError(f"val_score_smoothing must be in [0, 1), got {self.val_score_smoothing!r}")
-        if not 0 <= self.val_from_epoch < self.epochs:
-            raise ValueError(f"val_from_epoch must be an epoch of the run, in [0, epochs = {self.epochs}), "
-                             f"got {self.val_from_epoch}")
+        if self.val_from_epoch < 0:
+            raise ValueError(f"val_from_epoch must be an epoch number >= 0, got {self.val_from_epoch}")
         for size in self.val_voxel_sizes_um:
             if not (is_finite_real(size) and size > 0):
                 raise ValueError(f"val_voxel_sizes_um must be positive voxel sizes in µm, got {self.val_voxel_sizes_um}")

@@ -144,14 +144,14 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> TrainResult | Memb
                                    device, use_amp, epoch)
         evaluated = ema.module if ema else model
         record = {"epoch": epoch, **train_stats, "lr": scheduler.get_last_lr()[0]}
-        validated = bool(val_cases) and epoch >= config.val_from_epoch
+        validated = bool(val_cases) and (epoch >= config.val_from_epoch or epoch == config.epochs - 1)
         if validated:
             record.update(validate(
                 evaluated, val_cases, in_chans=config.model.in_chans, normalization=normalization,
                 model_voxel_size_um=model_config.voxel_size_um, device=device,
                 batch_size=config.val_batch_size, threshold=config.val_threshold, tile_size=val_tile,
                 pad_planes_to=config.sample_size if val_tile is None else None,
-                calibration_tolerance=config.calibration_tolerance,
+                calibration_tolerance=config.calibration_tolerance, calibration_rule=config.calibration_rule,
             ))
         record["seconds"] = round(time.perf_counter() - started, 2)
         # an epoch before val_from_epoch has no score to compare: it is saved as last, never as best
@@ -235,7 +235,7 @@ def _calibrate_on_every_axis(checkpoint: Path, cases, config: TrainConfig, devic
                       model_voxel_size_um=model_config.voxel_size_um, device=device,
                       batch_size=config.val_batch_size, axes=AXES, pad_planes_to=config.sample_size,
                       component_sizes=COMPONENT_SIZE_GRID if config.calibrate_min_component_size else None,
-                      calibration_tolerance=config.calibration_tolerance)
+                      calibration_tolerance=config.calibration_tolerance, calibration_rule=config.calibration_rule)
     metrics = {**header["metrics"], **{f"{key}_3axes": value for key, value in record.items()}}
     save_checkpoint(checkpoint, model, model_config, metrics=metrics, extra=header["extra"],
                     threshold=record["val_threshold"], min_component_size=record.get("val_min_component_size"))

@@ -71,6 +71,7 @@ def validate(
     pad_planes_to: int | None = None,
     component_sizes: Sequence[int] | None = None,
     calibration_tolerance: float = 0.0,
+    calibration_rule: str = "mean",
 ) -> dict[str, float]:
     """Surface Dice and Dice of whole-slice predictions along ``axes`` (no TTA): the cases'
     ``validation_logits`` scored by ``calibrated_record``. Every epoch uses xy alone (cheap, a
@@ -81,7 +82,8 @@ def validate(
                                model_voxel_size_um=model_voxel_size_um, device=device, batch_size=batch_size,
                                axes=axes, tile_size=tile_size, pad_planes_to=pad_planes_to)
     return calibrated_record(logits, cases, model_voxel_size_um=model_voxel_size_um, threshold=threshold,
-                             component_sizes=component_sizes, calibration_tolerance=calibration_tolerance)
+                             component_sizes=component_sizes, calibration_tolerance=calibration_tolerance,
+                             calibration_rule=calibration_rule)
 
 
 def validation_logits(
@@ -121,6 +123,7 @@ def calibrated_record(
     threshold: float | None = None,
     component_sizes: Sequence[int] | None = None,
     calibration_tolerance: float = 0.0,
+    calibration_rule: str = "mean",
 ) -> dict[str, float]:
     """The validation record of the cases' ``logits``: ``val_threshold`` (``threshold``, or None
     to calibrate it: the grid probability with the best mean surface Dice over the cases,
@@ -132,15 +135,16 @@ def calibrated_record(
     resolution); the record then adds ``val_min_component_size`` and the mean and per-case surface
     Dice with it (``val_surface_dice_cleaned``, ``val_surface_dice_cleaned_<case>``).
     ``calibration_tolerance``: the lowest threshold, and smallest component size, within it of
-    the best mean score instead of the best (``calibration``). Several tolerances can so be
-    compared on logits predicted once.
+    the best mean score instead of the best; ``calibration_rule``: how the cases' scores make the
+    threshold (``calibration.best_threshold_row``; the component size is always chosen on the
+    mean). Several rules can so be compared on logits predicted once.
     """
     if len(logits) != len(cases):
         raise ValueError(f"need one logit volume per validation case, got {len(logits)} for {len(cases)}")
     truths = [case.truth for case in cases]
     grid = THRESHOLD_GRID if threshold is None else (threshold,)
     scores = threshold_scores(logits, truths, grid)
-    best = best_threshold_row(scores, grid, tolerance=calibration_tolerance)
+    best = best_threshold_row(scores, grid, tolerance=calibration_tolerance, rule=calibration_rule)
     chosen = float(grid[best])
     cut = np.float16(logit(chosen))
     masks = [volume_logits > cut for volume_logits in logits]
