@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             threshold, size = record["val_threshold"], record["val_min_component_size"]
             # the checkpoint as training would have written it with this rule (the component size
             # is counted at the model's resolution and scales with each volume's voxel size)
-            rule = Predictor(dataclasses.replace(ensemble, threshold=threshold, min_component_size=size),
-                             infer_config)
-            scores = {name: float(surface_dice(truth, rule.to_mask(logits)))
+            recut = Predictor(dataclasses.replace(ensemble, threshold=threshold, min_component_size=size),
+                              infer_config)
+            scores = {name: float(surface_dice(truth, recut.to_mask(logits)))
                       for (name, _, truth, _), logits in zip(tests, test_logits, strict=True)}
             test_mean = float(np.mean([s for name, s in scores.items() if name not in probe_names]))
             probe_mean = float(np.mean([s for name, s in scores.items() if name in probe_names]))
