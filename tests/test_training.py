@@ -134,11 +134,12 @@ def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_pa
 
 
 def test_epochs_before_val_from_epoch_are_not_validated_nor_best(data_root, tmp_path):
-    result = train(tiny_config(data_root, tmp_path / "run", epochs=3, val_from_epoch=2))
+    result = train(tiny_config(data_root, tmp_path / "run", epochs=3, val_from_epoch=2, val_score_smoothing=0.5))
     assert ["val_surface_dice" in r for r in result.history] == [False, False, True]
     assert ["selection_score" in r for r in result.history] == [False, False, True]
     assert result.best_epoch == 2
-    assert result.history[2]["selection_score"] == result.history[2]["val_surface_dice"]  # smoothing starts there
+    # the epochs before count as 0 in the smoothing: the least trained validated epoch is not spared it
+    assert result.history[2]["selection_score"] == pytest.approx(0.5 * result.history[2]["val_surface_dice"])
     assert (tmp_path / "run" / "curves.png").is_file()
     # a recipe's val_from_epoch beyond a shortened run: its last epoch is still validated, and best
     short = train(tiny_config(data_root, tmp_path / "short", epochs=1, val_from_epoch=4))
@@ -191,6 +192,14 @@ def test_the_best_checkpoint_is_chosen_on_the_smoothed_score():
     epoch, history = best_epoch(0.5)
     assert epoch == 6 and history[1]["selection_score"] == pytest.approx(0.5 * 0.0238 + 0.5 * 0.1618)
     assert _selection_score({"train_loss": 0.25}, [], 0.5) == -0.25  # no validation: minus the training loss
+    # the first validated epoch after unvalidated ones (val_from_epoch) is smoothed against 0: the
+    # fold whose epochs 4-7 scored 0.195, 0.146, 0.127, 0.139 keeps its last epoch, not its least trained
+    history = [{"epoch": epoch, "train_loss": 1.0} for epoch in range(4)]
+    for epoch, value in zip(range(4, 8), (0.195, 0.146, 0.127, 0.139), strict=True):
+        record = {"epoch": epoch, "val_surface_dice": value, "train_loss": 1.0}
+        record["selection_score"] = _selection_score(record, history, 0.5)
+        history.append(record)
+    assert max(history[4:], key=lambda r: r["selection_score"])["epoch"] == 7
 
 
 class _TinyNet(nn.Module):
