@@ -189,7 +189,7 @@ def _selection_score(record: dict, history: list[dict], smoothing: float) -> flo
     minus the training loss), smoothed over the epochs so far: one epoch's score on a few small
     volumes is noisy, and a lucky threshold can make a barely trained epoch look best. An epoch
     before ``val_from_epoch`` counts as 0: otherwise the first validated epoch, the least trained,
-    would be the only one not smoothed (a held-out-family fold kept its 0.195 at epoch 4 of 8)."""
+    would be the only one not smoothed (a held-out-family fold kept its 5th epoch of 8, 0.195)."""
     score = record.get("val_surface_dice", -record["train_loss"])
     if not history:
         return score
