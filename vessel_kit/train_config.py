@@ -189,7 +189,7 @@ class TrainConfig:
             raise ValueError(f"val_threshold is a probability in (0, 1) or null (calibrate), got {self.val_threshold}")
         check_tolerance(self.calibration_tolerance, "calibration_tolerance")
         check_rule(self.calibration_rule, "calibration_rule")
-        if not (isinstance(self.val_score_smoothing, (int, float)) and 0.0 <= self.val_score_smoothing < 1.0):
+        if not 0.0 <= self.val_score_smoothing < 1.0:  # its type (a real, not a bool) is checked above
             raise ValueError(f"val_score_smoothing must be in [0, 1), got {self.val_score_smoothing!r}")
         if self.val_from_epoch < 0:
             raise ValueError(f"val_from_epoch must be an epoch number >= 0, got {self.val_from_epoch}")
