@@ -31,7 +31,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import _common  # noqa: E402
 from bench_outside_probe import VARIANTS, VOXEL_SIZE_UM, probe_volume  # noqa: E402
-from vessel_kit.calibration import CALIBRATION_RULES  # noqa: E402
+from vessel_kit.calibration import CALIBRATION_RULES, check_tolerance  # noqa: E402
 
 HEADERS = ("checkpoint", "rule", "tolerance", "threshold", "min component", "validation", "test mean", "probe mean", "scores")
 
@@ -156,9 +156,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"{args.data} has no solution.csv (the test volumes' truth)")
     if args.tile_size is not None and args.tile_size < 16:
         parser.error(f"--tile-size must be at least 16 pixels, got {args.tile_size}")
-    bad = [t for t in args.tolerances if not 0.0 <= t < 1.0]
-    if bad:
-        parser.error(f"tolerances must be in [0, 1), got {bad}")
+    for tolerance in args.tolerances:
+        try:
+            check_tolerance(tolerance, "--tolerances")  # training's own check of the option
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 

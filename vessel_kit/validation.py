@@ -126,8 +126,8 @@ def calibrated_record(
     calibration_rule: str = "mean",
 ) -> dict[str, float]:
     """The validation record of the cases' ``logits``: ``val_threshold`` (``threshold``, or None
-    to calibrate it: the grid probability with the best mean surface Dice over the cases,
-    ``calibration.THRESHOLD_GRID``), the mean ``val_surface_dice`` and ``val_dice`` at it, and
+    to calibrate it: the probability of ``calibration.THRESHOLD_GRID`` that ``calibration_rule``
+    chooses from the cases' scores), the mean ``val_surface_dice`` and ``val_dice`` at it, and
     both per case (``val_surface_dice_<case>``).
 
     ``component_sizes`` (e.g. ``calibration.COMPONENT_SIZE_GRID``): also pick, at that threshold,
