@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--crops-per-epoch", type=int, help="training crops per epoch (default: the recipe's)")
     parser.add_argument("--tta", default="flips", choices=TTA_MODES, help="infer_volume's test-time augmentation")
     parser.add_argument("--shape", type=lambda text: _common.parse_shape(text, 3), default=(64, 256, 256),
-                        help="every training and validation volume's shape Z x Y x X (default 40x160x160)")
+                        help="every training and validation volume's shape Z x Y x X (default 64x256x256)")
     parser.add_argument("--test-shape", type=lambda text: _common.parse_shape(text, 3), default=(64, 256, 256),
                         help="the held-out volume's shape Z x Y x X (default 64x256x256)")
     parser.add_argument("--train-volumes", type=int, default=15, help="training volumes per fold (default 15)")

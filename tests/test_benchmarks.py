@@ -1,0 +1,116 @@
+"""Smoke tests of the benchmark scripts in ``benchmarks/``: each runs end to end on its smallest
+inputs and writes the figures it promises, so that a script does not rot between the runs that fill
+``benchmarks/README.md`` (a shadowed variable once put the wrong rule's label on every row of
+``bench_calibration``'s table). They check what the scripts compute, never how fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """``bench(name)``: the benchmark script ``benchmarks/<name>.py`` imported as a module (the
+    scripts import their ``_common`` helper from their own folder)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_probe_volumes_are_reproducible_and_keep_their_polarity(bench):
+    probe = bench("bench_outside_probe")
+    for index, (variant, (contrast, *_)) in enumerate(probe.VARIANTS.items()):
+        image, labels = probe.probe_volume(variant, 7 + index)
+        again, same_labels = probe.probe_volume(variant, 7 + index)
+        other, _ = probe.probe_volume(variant, 8 + index)
+        assert image.dtype == np.uint16 and image.shape == labels.shape == probe.SHAPE
+        assert np.array_equal(image, again) and np.array_equal(labels, same_labels)
+        assert not np.array_equal(image, other)
+        assert 0.001 < labels.mean() < 0.05, variant
+        vessel_minus_tissue = image[labels].astype(float).mean() - image[~labels].astype(float).mean()
+        assert np.sign(vessel_minus_tissue) == np.sign(contrast), variant
+
+
+def test_outside_probe_scores_a_checkpoint_beside_its_oracle(bench, random_unet, tmp_path, monkeypatch):
+    probe = bench("bench_outside_probe")
+    monkeypatch.setattr(probe, "SHAPE", (16, 96, 96))
+    checkpoint = random_unet(tmp_path / "random.safetensors")
+    out = tmp_path / "probe.json"
+    assert probe.main([str(checkpoint), "--variants", "bright_easy,dark_easy", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in results] == ["bright_easy", "dark_easy"]
+    for result in results:
+        assert 0.0 <= result["model"] <= result["model_best_cut"] + 1e-9 <= 1.0 + 1e-9
+        assert result["threshold_oracle"] > 0.3  # +-4 texture sd vessels: a fitted threshold finds them
+
+
+def test_outside_probe_refuses_an_unknown_variant(bench, random_unet, tmp_path, capsys):
+    probe = bench("bench_outside_probe")
+    checkpoint = random_unet(tmp_path / "random.safetensors")
+    with pytest.raises(SystemExit):
+        probe.main([str(checkpoint), "--variants", "bright_easy,purple"])
+    assert "purple" in capsys.readouterr().err
+
+
+def test_anatomy_compares_every_family_with_the_real_labels(bench, real_data, tmp_path, monkeypatch):
+    anatomy = bench("bench_anatomy")
+    monkeypatch.setattr(anatomy, "SHAPES", ((16, 64, 64),))
+    out = tmp_path / "anatomy.json"
+    assert anatomy.main(["--real", str(real_data / "kidney_3_dense_labels"), "--seeds", "0", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    from vessel_kit.synth import STYLES
+
+    results = figures["results"]
+    assert set(results) == {"real kidney_3_dense", *(f"synthetic {family}" for family in STYLES)}
+    real = results["real kidney_3_dense"]
+    assert real["slices"] == 15 and 0 < real["fraction_percent"] < 5
+    for name, source in results.items():
+        widths = source["width_um"]
+        assert 0 < widths["p10"] <= widths["p50"] <= widths["p90"] <= widths["max"], name
+
+
+@pytest.mark.slow
+def test_calibration_recuts_a_checkpoint_with_every_rule(bench, random_unet, tmp_path, monkeypatch):
+    from vessel_kit.calibration import THRESHOLD_GRID
+    from vessel_kit.synth import make_synthetic_dataset
+
+    calibration = bench("bench_calibration")
+    monkeypatch.setattr(bench("bench_outside_probe"), "SHAPE", (16, 96, 96))  # the probe volumes it scores
+    data = make_synthetic_dataset(tmp_path / "data", scale=0.25, seed=0, progress=False)
+    checkpoint = random_unet(tmp_path / "random.safetensors")
+    out = tmp_path / "calibration.json"
+    assert calibration.main([str(checkpoint), "--data", str(data), "--rules", "mean", "case_median",
+                             "--tolerances", "0", "0.01", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["rule"], r["tolerance"]) for r in results] == [("mean", 0), ("mean", 0.01), ("case_median", 0),
+                                                              ("case_median", 0.01)]
+    for result in results:
+        assert result["threshold"] in THRESHOLD_GRID
+        assert 0.0 <= result["test_mean"] <= 1.0 and 0.0 <= result["probe_mean"] <= 1.0
+
+
+@pytest.mark.slow
+def test_generalization_runs_one_small_fold(bench, tmp_path):
+    generalization = bench("bench_generalization")
+    out = tmp_path / "generalization.json"
+    assert generalization.main(["--families", "bright", "--epochs", "1", "--crops-per-epoch", "8",
+                                "--shape", "16x64x64", "--test-shape", "16x64x64", "--train-volumes", "2",
+                                "--tta", "none", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    fold, = json.loads(out.read_text())["folds"]
+    assert fold["held_out"] == "bright"
+    assert "bright" not in fold["train_styles"].values() and "bright" not in fold["val_styles"].values()
+    assert set(fold["scores"]) == {"model", "threshold", "frangi"}
+    for by_voxel in fold["scores"].values():
+        assert set(by_voxel) == {"50.0", "63.08"} and all(0.0 <= s <= 1.0 for s in by_voxel.values())
+    assert set(fold["goals"]) == {"margin", "margin_met", "resolution_change", "resolution_met"}
