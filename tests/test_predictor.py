@@ -3,6 +3,8 @@ stitched exactly; one schema for options."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,19 @@ def test_infer_config_round_trips_and_names_unknown_keys(tmp_path):
     path.write_text("tta: none\nthreshold: 1.5\n")
     with pytest.raises(ValueError, match=r"infer.yaml: inference option threshold=1.5"):
         InferConfig.from_yaml(path)
+
+
+def test_infer_config_stores_numpy_numbers_as_python_ones():
+    """Sizes computed with numpy (a tile from an array's shape) are accepted, and the config still
+    writes to JSON (a bundle manifest) and equals the one given Python numbers."""
+    given = InferConfig(tile_size=np.int64(96), batch_size=np.int32(4), threshold=np.float32(0.25),
+                        hysteresis=(np.float32(0.5), np.float64(0.25)), axis_weights={"xy": np.float32(2.0)},
+                        min_component_size=np.uint16(100), hull_gate=np.int64(10))
+    plain = InferConfig(tile_size=96, batch_size=4, threshold=0.25, hysteresis=(0.5, 0.25), axis_weights={"xy": 2.0},
+                        min_component_size=100, hull_gate=10)
+    assert given == plain
+    assert json.loads(json.dumps(given.to_dict())) == plain.to_dict()
+    assert type(given.tile_size) is int and type(given.hull_gate.dilation) is int
 
 
 def test_infer_volume_takes_a_config_and_lets_keywords_override_it(volume):

@@ -27,6 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .axes import AXES
 from .hull import HullGate
 from .infer_options import check_infer_options
@@ -60,7 +62,8 @@ class InferConfig:
     the 3D one (the 4th-place rule: ``{"dilation": 10, "shape": "convex", "rule": "sum",
     "threshold_3d": 0.5}``).
 
-    Lists given for tuple fields are stored as tuples, so two equal configs compare equal.
+    Lists given for tuple fields are stored as tuples and numpy numbers as Python ones, so two
+    equal configs compare equal and ``to_dict`` gives plain YAML/JSON values.
 
     Example::
 
@@ -96,6 +99,8 @@ class InferConfig:
     hull_gate: HullGate | None = None
 
     def __post_init__(self) -> None:
+        for name in self.field_names():  # numpy numbers (a tile side from an array's shape) as Python ones
+            object.__setattr__(self, name, _python_scalars(getattr(self, name)))
         check_infer_options(self._options())  # before the conversions below: errors show values as given
         if isinstance(self.axes, str):
             object.__setattr__(self, "axes", (self.axes,))
@@ -161,6 +166,17 @@ class InferConfig:
 
     def _options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.field_names()}
+
+
+def _python_scalars(value: Any) -> Any:
+    """``value`` with its numpy scalars (also inside tuples, lists and mappings) as Python ones."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_python_scalars(v) for v in value)
+    if isinstance(value, Mapping):
+        return {key: _python_scalars(v) for key, v in value.items()}
+    return value
 
 
 def _plain(value: Any) -> Any:
