@@ -44,7 +44,7 @@ def test_probe_volumes_are_reproducible_and_keep_their_polarity(bench):
 
 def test_outside_probe_scores_a_checkpoint_beside_its_oracle(bench, random_unet, tmp_path, monkeypatch):
     probe = bench("bench_outside_probe")
-    monkeypatch.setattr(probe, "SHAPE", (16, 96, 96))
+    monkeypatch.setattr(probe, "SHAPE", (12, 64, 64))
     checkpoint = random_unet(tmp_path / "random.safetensors")
     out = tmp_path / "probe.json"
     assert probe.main([str(checkpoint), "--variants", "bright_easy,dark_easy", "--json", str(out)]) == 0
