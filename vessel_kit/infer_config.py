@@ -99,9 +99,11 @@ class InferConfig:
     hull_gate: HullGate | None = None
 
     def __post_init__(self) -> None:
-        for name in self.field_names():  # numpy numbers (a tile side from an array's shape) as Python ones
+        # numpy numbers (a tile side from an array's shape) become Python ones first, so the checks
+        # treat them as the ints, floats and bools they are; lists and strings are checked as given
+        for name in self.field_names():
             object.__setattr__(self, name, _python_scalars(getattr(self, name)))
-        check_infer_options(self._options())  # before the conversions below: errors show values as given
+        check_infer_options(self._options())
         if isinstance(self.axes, str):
             object.__setattr__(self, "axes", (self.axes,))
         for name in ("axes", "tile_size", "device", "hysteresis"):
