@@ -8,7 +8,9 @@ It is how ``calibration_tolerance: 0.01`` and ``calibration_rule: case_median`` 
 synthetic_cpu recipe were chosen: rule ``mean`` at tolerance 0 is the best mean validation score; a
 tolerance t > 0 takes the lowest threshold, then the smallest component size, within t of it;
 ``case_median`` takes the median of the cases' own cuts (``vessel_kit.calibration``). Each checkpoint's validation and test logits are predicted once;
-the rules only re-cut them. Checkpoints of the same recipe trained with other seeds or options
+the rules only re-cut them. They are the scans' logits as read (``Predictor.logits``): the
+polarity pass of ``infer_volume`` ("auto", ``vessel_kit.polarity``) is left out, as it chooses
+between two passes at one threshold (``bench_outside_probe`` scores with it). Checkpoints of the same recipe trained with other seeds or options
 tell a rule that transfers from one that fits one model.
 
     vessel-kit demo --out demo_out   # or: vessel-kit synth demo_out/data && vessel-kit train ...

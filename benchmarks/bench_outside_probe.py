@@ -17,7 +17,10 @@ The threshold baseline (``vessel_kit.baselines.fit_threshold``) is fitted on the
 own labels: an oracle, the bar the model should reach without ever seeing the probe. Nothing in
 vessel_kit is trained or tuned on these volumes; the probe is a sanity check against tuning to
 our own generator, not a target. Every checkpoint predicts with ``InferConfig.load(--config)``
-(default "cpu": 3 axes, no flips, as the demo) at its calibrated threshold. Beside that score,
+(default "cpu": 3 axes, no flips, as the demo) at its calibrated threshold, in the config's
+polarity (default "auto": the mirrored scan too where the scan as read gives almost nothing;
+``--polarity as_given`` for the scan as read only); the "pass" column says which pass the mask
+comes from. Beside that score,
 the same logits' best score over ``calibration.THRESHOLD_GRID`` (no components removed) tells a
 model that cannot find the vessels from one whose calibrated rule does not transfer.
 
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 import _common  # noqa: E402
+from vessel_kit.polarity import POLARITIES  # noqa: E402
 
 SHAPE = (48, 192, 192)
 # variant: (vessel contrast in texture sd, white-noise sd, uint16 level, uint16 levels per sd)
@@ -50,7 +54,7 @@ TUBES = 6
 RADIUS_RANGE = (1.5, 9.0)
 VOXEL_SIZE_UM = 50.0
 HEADERS = ("variant", "checkpoint", "model", "threshold (oracle)", "margin", "predicted / true voxels",
-           "model at its best cut", "seconds")
+           "model at its best cut", "pass", "seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from vessel_kit.predictor import Predictor
 
     config = InferConfig.load(args.config).replace(progress=False)
+    if args.polarity is not None:
+        config = config.replace(polarity=args.polarity)
     print(_common.describe_machine(_common.machine_info()))
     rows, results = [], []
     for index, variant in enumerate(args.variants):
@@ -70,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         for checkpoint in args.checkpoints:
             started = time.perf_counter()
             predictor = Predictor(checkpoint, config)  # what infer_volume does, keeping the logits
-            logits = predictor.logits(image, voxel_size_um=VOXEL_SIZE_UM)
-            mask = predictor.to_mask(logits)
+            logits, mask = predictor.prediction(image, voxel_size_um=VOXEL_SIZE_UM)
             seconds = time.perf_counter() - started
             score = surface_dice(truth, mask)
             ratio = float(mask.sum() / max(truth.sum(), 1))
@@ -79,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             best_cut = THRESHOLD_GRID[int(np.argmax(by_cut))]
             results.append({"variant": variant, "checkpoint": str(checkpoint), "model": score, "threshold_oracle": oracle,
                             "predicted_over_true": ratio, "model_best_cut": float(by_cut.max()),
-                            "best_cut": best_cut, "seconds": seconds})
+                            "best_cut": best_cut, "mirrored": logits.mirrored, "seconds": seconds})
             rows.append((variant, Path(checkpoint).parent.parent.name + "/" + Path(checkpoint).name, f"{score:.3f}",
                          f"{oracle:.3f}", f"{score - oracle:+.3f}", f"{ratio:.2f}",
-                         f"{by_cut.max():.3f} @{best_cut:g}", f"{seconds:.0f}"))
+                         f"{by_cut.max():.3f} @{best_cut:g}", "mirrored" if logits.mirrored else "as read",
+                         f"{seconds:.0f}"))
             print(f"{variant} {checkpoint}: model {score:.4f}, threshold {oracle:.4f}", flush=True)
     _common.print_table(HEADERS, rows)
     sources = _common.source_digests("vessel_kit.baselines", "vessel_kit.calibration", "vessel_kit.predictor")
@@ -98,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated variants (default all: {','.join(VARIANTS)})")
     parser.add_argument("--config", default="cpu", help="named InferConfig (default cpu: 3 axes, no flips)")
     parser.add_argument("--seed", type=int, default=100, help="seed of the first variant's volume (default 100)")
+    parser.add_argument("--polarity", choices=POLARITIES, default=None,
+                        help="override the config's polarity (default: the config's, auto for the cpu preset)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
     unknown = [name for name in args.variants if name not in VARIANTS]

@@ -207,6 +207,20 @@ def test_bad_input_is_refused_by_name(volume, model, tmp_path):
         infer_blocks(volume, model, tmp_path / "e.zarr", hull_gate=3, **kwargs)
     with pytest.raises(ValueError, match="dask|executor"):
         infer_blocks(volume, model, tmp_path / "f.zarr", executor="ray", **kwargs)
+    with pytest.raises(ValueError, match="polarity='auto' has no block-wise form"):
+        infer_blocks(volume, model, tmp_path / "g.zarr", polarity="auto", **kwargs)
+
+
+def test_inverted_polarity_block_wise_equals_infer_volume(volume, model, tmp_path):
+    """Every block reads the volume mirrored, with the mirrored volume's intensity window."""
+    run = predictor(model, **FAST, polarity="inverted")
+    whole = run.prediction(volume)
+    assert whole.logits.mirrored
+    store = infer_blocks(volume, model, tmp_path / "out.zarr", block=(12, 16, 16), chunks=(4, 8, 8), logits=True,
+                         progress=False, polarity="inverted", **FAST)
+    assert_same_logits(store.logits[:], whole.logits.array())
+    np.testing.assert_array_equal(store.mask[:], whole.mask.astype(np.uint8))
+    assert not np.array_equal(whole.logits.array(), run.logits(volume).array())  # not the scan as read
 
 
 def test_2d_zscore_models_and_deadlines_are_refused_for_a_region(model):

@@ -250,7 +250,8 @@ def test_components_are_removed_with_the_configured_connectivity(volume):
     min size 2), two of 1 with 6-connectivity (both removed)."""
     small = np.zeros((6, 32, 32), np.uint16)
     small[2, 10, 10] = small[3, 11, 11] = 65535
-    options = {"axes": ("xy",), "tta": "none", "progress": False, "min_plane_side": 1, "min_component_size": 2}
+    options = {"axes": ("xy",), "tta": "none", "progress": False, "min_plane_side": 1, "min_component_size": 2,
+               "polarity": "as_given"}
     for connectivity, kept in ((26, 2), (6, 0)):
         predictor = Predictor(PointwiseLogits2d(), InferConfig(connectivity=connectivity, **options),
                               in_chans=1, normalization=UNIT)

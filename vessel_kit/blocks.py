@@ -13,7 +13,8 @@ the done blocks; a failing block is retried ``retries`` times.
 2D, 2.5D and 3D models (and mixed ensembles) run block-wise. The non-local mask rules
 (``hysteresis``, ``top_fraction``, ``min_component_size`` > 1) run as a second, global pass over
 the stored logits (``blocks_rules``; they turn ``logits=True`` on), with the mask of the in-memory
-run; ``hull_gate`` is refused with a ValueError (no block-wise form, see ``blocks_rules``).
+run; ``hull_gate`` and ``polarity="auto"`` are refused with a ValueError (no block-wise form, see
+``blocks_rules``); ``polarity="inverted"`` reads every block mirrored (``polarity.InvertedSource``).
 
 Executors: ``"serial"`` (this process), or ``"dask"``: a ``LocalCluster`` of ``workers`` processes
 with one thread each (one GPU each as the dask resource ``GPU`` when CUDA is there), or the
@@ -112,6 +113,7 @@ def infer_blocks(
     from .infer_config import InferConfig
     from .ome_zarr import DTYPES, open_volume
     from .ome_zarr_out import create_output
+    from .polarity import InvertedSource
     from .predictor import Predictor, voxel_ratio
 
     if executor not in EXECUTORS:
@@ -136,6 +138,8 @@ def infer_blocks(
         raise ValueError(f"{volume!r} has no voxel size, and the models were trained at {model_voxel_um} µm: pass "
                          "voxel_size_um=UM (--voxel-size UM), the volume's voxel size, so it is resampled exactly as "
                          "infer_volume would")
+    if config.polarity == "inverted":
+        volume = InvertedSource(volume)
     ratio = voxel_ratio(volume.shape, volume.voxel_size_um, model_voxel_um)
     rules = with_component_size(rules, predictor.calibrated_min_component_size(ratio))
     logits = logits or rules is not None

@@ -31,6 +31,8 @@ other rules (or none) rewrites the masks from the logits again, never mixing two
 
 ``hull_gate`` stays refused: its 2D mask is dilated by a 3D ball over the whole volume and the 2D
 and 3D ranks' logits are kept apart, which the output store (one logits image) does not hold.
+``polarity="auto"`` is refused too: it chooses between the whole volume's masks as read and
+mirrored (a block alone cannot tell a region without vessels from a scan of the other polarity).
 """
 
 from __future__ import annotations
@@ -94,8 +96,12 @@ def split_rules(config: Any) -> tuple[Any, dict[str, Any] | None]:
     fills it in once the volume's voxel size is known.
 
     Raises:
-        ValueError: ``hull_gate``, which has no block-wise form (see the module doc).
+        ValueError: ``hull_gate`` or ``polarity="auto"``, which have no block-wise form (see the
+            module doc).
     """
+    if config.polarity == "auto":
+        raise ValueError("polarity='auto' has no block-wise form: it compares the whole volume's masks as read and "
+                         "mirrored; give polarity 'as_given' or 'inverted' (None: as given), or run infer_volume")
     if config.hull_gate is not None:
         raise ValueError(f"hull_gate={config.hull_gate} has no block-wise form: it dilates the 2D mask by a 3D ball over "
                          "the whole volume and needs the 2D and 3D logits apart; unset it, or run infer_volume")

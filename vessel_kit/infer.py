@@ -82,6 +82,10 @@ def infer_volume(
         min_component_size: then drop 3D connected components smaller than this many voxels
             (``postprocess.remove_small_components``); default (None): the checkpoints'
             calibrated size (the smallest of them), scaled to the volume's voxel size; 0 keeps all.
+        polarity: "as_given", "inverted" (predict the scan with its intensities mirrored, for
+            dark vessels on a model of bright ones) or "auto" (the default): as given, and only
+            when that puts under ``polarity.AUTO_MIN_FRACTION`` of the voxels above the
+            threshold, mirrored too, keeping the pass with more voxels above it.
         return_logits: return the float16 averaged logits instead of a mask.
         accumulator_path: keep the float16 accumulator in a ``.npy`` memmap at this path
             instead of RAM.
@@ -115,5 +119,7 @@ def infer_volume(
         if options:
             config = config.replace(**options)
         predictor = Predictor(models, config, model_weights=model_weights, in_chans=in_chans, normalization=normalization)
-    logits = predictor.logits(volume, voxel_size_um=voxel_size_um, deadline=deadline, accumulator_path=accumulator_path)
-    return logits.array() if return_logits else predictor.to_mask(logits, out=out)
+    result = predictor.prediction(volume, voxel_size_um=voxel_size_um, deadline=deadline,
+                                  accumulator_path=accumulator_path, out=None if return_logits else out,
+                                  with_mask=not return_logits)
+    return result.logits.array() if return_logits else result.mask

@@ -60,7 +60,10 @@ class InferConfig:
     ensembles only): ``hull_gate``, a ``hull.HullGate`` (or its dilation as an int, or a mapping
     of its fields): each rank is averaged and thresholded on its own and the 2D mask's hull gates
     the 3D one (the 4th-place rule: ``{"dilation": 10, "shape": "convex", "rule": "sum",
-    "threshold_3d": 0.5}``).
+    "threshold_3d": 0.5}``). Intensity: ``polarity`` (``vessel_kit.polarity``): "as_given",
+    "inverted" (the scan's intensities mirrored: a model of bright vessels on a scan of dark
+    ones) or "auto" (the mirrored scan too, only when the scan as read puts almost no voxel
+    above the threshold); None, the default: "auto" for whole volumes, "as_given" block by block.
 
     Lists given for tuple fields are stored as tuples and numpy numbers as Python ones, so two
     equal configs compare equal and ``to_dict`` gives plain YAML/JSON values.
@@ -97,6 +100,8 @@ class InferConfig:
     min_component_size: int | None = None
     connectivity: int | None = None
     hull_gate: HullGate | None = None
+    # intensity
+    polarity: str | None = None
 
     def __post_init__(self) -> None:
         # numpy numbers (a tile side from an array's shape) become Python ones first, so the checks

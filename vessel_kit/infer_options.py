@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from .axes import AXES
 from .hull import HullGate
+from .polarity import POLARITIES
 from .tta import TTA_MODES
 from .values import is_finite_real
 
@@ -181,6 +182,7 @@ INFER_OPTIONS: dict[str, Callable[[object], str | None]] = {
     "min_component_size": _optional(_int_at_least(0)),
     "connectivity": _optional(_choice((6, 18, 26))),
     "hull_gate": _optional(_hull_gate),
+    "polarity": _optional(_choice(POLARITIES)),
     "return_logits": _boolean,
     "accumulator_path": _optional(_path),
     "progress": _boolean,

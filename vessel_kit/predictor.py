@@ -52,6 +52,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ from .ensemble import DEFAULT_THRESHOLD, Ensemble, MixedEnsemble, ModelSource, c
 from .infer_config import InferConfig
 from .models import compile_model, memory_format
 from .normalize import Normalization, Window
+from .polarity import InvertedSource, count_voxels, finds_almost_nothing, plausible_mask
 from .hull import hull_slices, sum_rule_slices
 from .postprocess import hysteresis_threshold, mask_output, order_keys, remove_small_components, top_fraction_key
 from .regions import Region, check_region, region_shape
@@ -79,7 +81,7 @@ LOGIT_LIMIT = 1000.0  # logits are clipped to +-this before float16 accumulation
 RESCALE_TOLERANCE = 0.02  # voxel sizes within 2 % count as equal (kidney_5: 50.28 vs 50 µm)
 MAX_RESCALE = 8.0  # a volume is never resampled by more than this factor per side (a wrong voxel size)
 
-__all__ = ["LOGIT_LIMIT", "MAX_RESCALE", "RESCALE_TOLERANCE", "LogitVolume", "Predictor", "voxel_ratio"]
+__all__ = ["LOGIT_LIMIT", "MAX_RESCALE", "RESCALE_TOLERANCE", "LogitVolume", "Prediction", "Predictor", "voxel_ratio"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class LogitVolume:
     accumulator: np.ndarray
     shape: tuple[int, int, int]
     hull: LogitVolume | None = None
+    mirrored: bool = False  # predicted from the volume's mirrored intensities (``polarity.InvertedSource``)
 
     def slices(self) -> Iterator[np.ndarray]:
         """The logits one (Y, X) slice at a time, at ``shape`` (resampled when needed)."""
@@ -111,6 +114,13 @@ class LogitVolume:
         if self.accumulator.shape == self.shape:
             return self.accumulator
         return resample_volume(self.accumulator, self.shape, dtype=np.float16)
+
+
+class Prediction(NamedTuple):
+    """A volume's ``LogitVolume`` and its bool mask (None when not asked for)."""
+
+    logits: LogitVolume
+    mask: np.ndarray | None
 
 
 class Predictor:
@@ -186,9 +196,49 @@ class Predictor:
         accumulator_path: str | os.PathLike | None = None,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The (Z, Y, X) bool mask of ``volume``: ``logits`` then ``to_mask``."""
-        logits = self.logits(volume, voxel_size_um=voxel_size_um, deadline=deadline, accumulator_path=accumulator_path)
-        return self.to_mask(logits, out=out)
+        """The (Z, Y, X) bool mask of ``volume``: ``prediction(...).mask``."""
+        return self.prediction(volume, voxel_size_um=voxel_size_um, deadline=deadline,
+                               accumulator_path=accumulator_path, out=out).mask
+
+    def prediction(
+        self,
+        volume: VolumeSource | np.ndarray,
+        *,
+        voxel_size_um: float | None = None,
+        deadline: float | None = None,
+        accumulator_path: str | os.PathLike | None = None,
+        out: np.ndarray | None = None,
+        with_mask: bool = True,
+    ) -> Prediction:
+        """The logits (``logits``) and mask (``to_mask``, into ``out``) of the whole ``volume`` in
+        the config's ``polarity`` (``vessel_kit.polarity``): as read, mirrored, or ("auto", the
+        default) as read and, only when that mask is almost empty, mirrored too, keeping the
+        mirrored pass when its mask holds more voxels and is plausible (``polarity.plausible_mask``;
+        its accumulator goes beside ``accumulator_path``).
+        ``with_mask=False``: the logits alone (no mask made where the polarity needs none)."""
+        if hasattr(volume, "ndim"):
+            _check_volume(volume)
+        source = as_source(volume)
+        options = {"voxel_size_um": voxel_size_um, "deadline": deadline}
+        polarity = self.config.polarity or "auto"
+        first = self.logits(InvertedSource(source) if polarity == "inverted" else source,
+                            accumulator_path=accumulator_path, **options)
+        if polarity != "auto" and not with_mask:
+            return Prediction(first, None)
+        mask = self.to_mask(first, out=out)
+        found = count_voxels(mask)
+        if polarity != "auto" or not finds_almost_nothing(found, mask.size):
+            return Prediction(first, mask)
+        mirrored = self.logits(InvertedSource(source), accumulator_path=_beside(accumulator_path, "mirrored"), **options)
+        mirrored_mask = self.to_mask(mirrored)
+        mirrored_found = count_voxels(mirrored_mask)
+        if mirrored_found <= found or not plausible_mask(mirrored_found, mask.size):
+            return Prediction(first, mask)
+        warnings.warn(f"the mask of {source!r} as read holds {found} voxels (almost empty), that of its mirrored "
+                      f"intensities {mirrored_found}: the mirrored one is used (polarity 'auto'; polarity='as_given' "
+                      "keeps the scan as read)", stacklevel=2)
+        mask[...] = mirrored_mask
+        return Prediction(mirrored, mask)
 
     def logits(
         self,
@@ -220,6 +270,7 @@ class Predictor:
         if hasattr(volume, "ndim"):
             _check_volume(volume)
         original = as_source(volume)
+        mirrored = isinstance(original, InvertedSource)
         config = self.config
         voxel_size_um = original.voxel_size_um if voxel_size_um is None else voxel_size_um
         model_voxel_um = config.model_voxel_size_um or self.ensemble.voxel_size_um
@@ -237,12 +288,12 @@ class Predictor:
         with _Progress(clock.total, config.progress, clock) as tick:
             if config.hull_gate is None:
                 accumulator = _accumulate(source, [job for jobs in plans for job in jobs], _zeros(source.shape, accumulator_path), clock, tick)
-                return LogitVolume(accumulator, original.shape)
+                return LogitVolume(accumulator, original.shape, mirrored=mirrored)
             # hull gating: each rank is averaged on its own; the 2D models' mask gates the 3D models'
             by_rank = {group.ensemble.spatial_dims: jobs for group, jobs in zip(self._groups, plans, strict=True)}
             hull = _accumulate(source, by_rank[2], _zeros(source.shape, _beside(accumulator_path, "hull")), clock, tick)
             gated = _accumulate(source, by_rank[3], _zeros(source.shape, accumulator_path), clock, tick)
-        return LogitVolume(gated, original.shape, hull=LogitVolume(hull, original.shape))
+        return LogitVolume(gated, original.shape, hull=LogitVolume(hull, original.shape, mirrored=mirrored), mirrored=mirrored)
 
     def intensity_windows(self, volume: VolumeSource | np.ndarray) -> list[Window | None]:
         """Each rank's intensity window for ``volume`` (sampled from it, see ``Normalization.window``):
@@ -268,10 +319,11 @@ class Predictor:
         clock = Deadline(None, total=sum(_tiles_reaching(work, core, feed.out_chans) for work, feed, _ in jobs))
         with _Progress(clock.total, self.config.progress, clock) as tick:
             accumulator = _accumulate(source, jobs, np.zeros(region_shape(core), np.float16), clock, tick, core)
+        mirrored = isinstance(original, InvertedSource)
         if source is original:
-            return LogitVolume(accumulator, region_shape(region))
+            return LogitVolume(accumulator, region_shape(region), mirrored=mirrored)
         back = resample_region(lambda box: accumulator[_shift(box, core)], shape, original.shape, region, dtype=np.float16)
-        return LogitVolume(back, region_shape(region))
+        return LogitVolume(back, region_shape(region), mirrored=mirrored)
 
     def _check_blockable(self) -> None:
         """ValueError for what a region (block) cannot be predicted with exactly."""

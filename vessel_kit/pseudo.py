@@ -59,7 +59,7 @@ def make_pseudo_labels(
     ensemble = load_ensemble(list(checkpoints), device=device)
     logits = infer_volume(
         images, ensemble, axes=axes, tta=tta, batch_size=batch_size, device=device,
-        return_logits=True, progress=progress,
+        polarity="as_given", return_logits=True, progress=progress,
     )
     out_path = Path(out_path)
     with atomic_output(out_path) as tmp:

@@ -109,7 +109,7 @@ def validation_logits(
             case.images, model, axes=tuple(axes), tta="none", in_chans=in_chans, normalization=normalization,
             batch_size=batch_size, device=device, voxel_size_um=case.voxel_size_um,
             model_voxel_size_um=model_voxel_size_um, tile_size=tile_size, pad_planes_to=pad_planes_to,
-            return_logits=True, progress=False,
+            polarity="as_given", return_logits=True, progress=False,
         )
         for case in cases
     ]
