@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vessel_kit import InferConfig, Normalization, Predictor, infer_volume
+from vessel_kit.deadline import DeadlineWarning
 from vessel_kit.polarity import (AUTO_MIN_FRACTION, InvertedSource, count_voxels, finds_almost_nothing, mirrored,
                                   plausible_mask)
 from vessel_kit.sources import ArraySource
@@ -135,6 +136,21 @@ def test_auto_does_not_take_a_mirrored_mask_of_background(monkeypatch):
         warnings.simplefilter("error")
         assert count_voxels(run.predict(scan)) == 1 and len(passes) == 2
     assert not plausible_mask(SHAPE[0] * SHAPE[1] * SHAPE[2] - 1, scan.size) and plausible_mask(500, scan.size)
+
+
+def test_a_mirrored_pass_past_the_deadline_leaves_the_mask_as_read(monkeypatch):
+    image, _ = tube_volume(-1.0)
+    run = predictor()
+    logits = run.logits
+
+    def out_of_time(volume, **kwargs):
+        if isinstance(volume, InvertedSource):
+            raise TimeoutError("past the deadline")
+        return logits(volume, **kwargs)
+
+    monkeypatch.setattr(run, "logits", out_of_time)
+    with pytest.warns(DeadlineWarning, match="left no time to predict its mirrored intensities"):
+        assert not run.predict(image).any()
 
 
 @pytest.mark.filterwarnings("ignore:the mask of")

@@ -29,7 +29,9 @@ def data_root(tmp_path_factory):
 def tiny_config(data_root, out_dir, *, crops_per_epoch=16, **overrides) -> TrainConfig:
     options = dict(
         data_root=str(data_root), out_dir=str(out_dir), train_volumes=["kidney_1_dense"],
-        val_volumes=["kidney_3_dense"], model={"encoder": "resnet18", "in_chans": 3},
+        val_volumes=["kidney_3_dense"],
+        # three encoder stages: a tenth of the weights, so steps, checkpoints and states are quick
+        model={"encoder": "resnet18", "in_chans": 3, "model_kwargs": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}},
         crops={"crop_size": 64, "crops_per_epoch": crops_per_epoch, "augment": "light"},
         batch_size=4, epochs=2, optim={"lr": 2e-3, "ema_decay": 0.9}, num_workers=0,
         loss=[{"name": "dice", "weight": 0.5}, {"name": "bce", "weight": 0.5}], progress=False,

@@ -229,7 +229,13 @@ class Predictor:
         found = count_voxels(mask)
         if polarity != "auto" or not finds_almost_nothing(found, mask.size):
             return Prediction(first, mask)
-        mirrored = self.logits(InvertedSource(source), accumulator_path=_beside(accumulator_path, "mirrored"), **options)
+        try:
+            mirrored = self.logits(InvertedSource(source), accumulator_path=_beside(accumulator_path, "mirrored"),
+                                   **options)
+        except TimeoutError:  # the scan as read was predicted in time: its (almost empty) mask stands
+            warnings.warn(f"the mask of {source!r} as read is almost empty ({found} voxels) and the deadline left no "
+                          "time to predict its mirrored intensities (polarity 'auto')", DeadlineWarning, stacklevel=2)
+            return Prediction(first, mask)
         mirrored_mask = self.to_mask(mirrored)
         mirrored_found = count_voxels(mirrored_mask)
         if mirrored_found <= found or not plausible_mask(mirrored_found, mask.size):
