@@ -84,8 +84,9 @@ def infer_volume(
             calibrated size (the smallest of them), scaled to the volume's voxel size; 0 keeps all.
         polarity: "as_given", "inverted" (predict the scan with its intensities mirrored, for
             dark vessels on a model of bright ones) or "auto" (the default): as given, and only
-            when that puts under ``polarity.AUTO_MIN_FRACTION`` of the voxels above the
-            threshold, mirrored too, keeping the pass with more voxels above it.
+            when that mask holds under ``polarity.AUTO_MIN_FRACTION`` of the voxels, mirrored
+            too, keeping the mirrored mask if it is fuller and plausible
+            (``polarity.plausible_mask``), with a warning.
         return_logits: return the float16 averaged logits instead of a mask.
         accumulator_path: keep the float16 accumulator in a ``.npy`` memmap at this path
             instead of RAM.
