@@ -29,8 +29,8 @@ import numpy as np
 from .regions import Region
 from .sources import VolumeSource
 
-__all__ = ["AUTO_MAX_FRACTION", "AUTO_MIN_FRACTION", "POLARITIES", "InvertedSource", "count_voxels", "finds_almost_nothing", "mirrored",
-           "plausible_mask"]
+__all__ = ["AUTO_MAX_FRACTION", "AUTO_MIN_FRACTION", "POLARITIES", "InvertedSource", "count_voxels",
+           "finds_almost_nothing", "mirrored", "plausible_mask"]
 
 POLARITIES = ("as_given", "inverted", "auto")
 
@@ -74,8 +74,6 @@ def finds_almost_nothing(mask_voxels: int, volume_voxels: int) -> bool:
     """Whether a mask of ``mask_voxels`` in a volume of ``volume_voxels`` is almost empty (under
     ``AUTO_MIN_FRACTION``): the case where ``"auto"`` also tries the mirrored scan."""
     return mask_voxels < AUTO_MIN_FRACTION * volume_voxels
-
-
 
 
 def plausible_mask(mask_voxels: int, volume_voxels: int) -> bool:

@@ -52,9 +52,9 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
