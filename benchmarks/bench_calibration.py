@@ -13,6 +13,11 @@ polarity pass of ``infer_volume`` ("auto", ``vessel_kit.polarity``) is left out,
 between two passes at one threshold (``bench_outside_probe`` scores with it). Checkpoints of the same recipe trained with other seeds or options
 tell a rule that transfers from one that fits one model.
 
+Each checkpoint also gets an ``oracle`` row: every test and probe volume at its own best cut and
+component size (``THRESHOLD_GRID`` x ``COMPONENT_SIZE_GRID``, chosen on its truth). No rule can
+beat it: the gap from a rule's row to it is what calibration could still gain, and an oracle under
+a goal says that the model, not its calibration, falls short.
+
     vessel-kit demo --out demo_out   # or: vessel-kit synth demo_out/data && vessel-kit train ...
     python benchmarks/bench_calibration.py demo_out/run/best.safetensors --data demo_out/data --json /tmp/cal.json
     python benchmarks/bench_calibration.py CKPT... --rules mean case_median --tolerances 0.01
@@ -25,6 +30,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +40,9 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import _common  # noqa: E402
 from bench_outside_probe import VARIANTS, VOXEL_SIZE_UM, probe_volume  # noqa: E402
 from vessel_kit.calibration import CALIBRATION_RULES, check_tolerance  # noqa: E402
+
+if TYPE_CHECKING:
+    from vessel_kit.predictor import LogitVolume, Predictor
 
 HEADERS = ("checkpoint", "rule", "tolerance", "threshold", "min component", "validation", "test mean", "probe mean", "scores")
 
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         infer_config = infer_config.replace(tile_size=args.tile_size)
     device = torch.device("cpu")
 
-    rows, results = [], []
+    rows, results, oracles = [], [], []
     for checkpoint in args.checkpoints:
         started = time.perf_counter()
         predictor = Predictor(checkpoint, infer_config)  # loads the checkpoint once, for both passes
@@ -77,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                                        device=device, batch_size=recipe.val_batch_size, axes=AXES,
                                        pad_planes_to=recipe.sample_size)
         test_logits = [predictor.logits(image, voxel_size_um=size) for _, image, _, size in tests]
+        oracle = _oracle(predictor, tests, test_logits)
+        oracle_means = _means({name: best["score"] for name, best in oracle.items()}, probe_names)
+        oracles.append({"checkpoint": str(checkpoint), **oracle_means, "volumes": oracle})
+        rows.append((_short(checkpoint), "oracle", "", "per volume", "per volume", "",
+                     f"{oracle_means['test_mean']:.3f}", f"{oracle_means['probe_mean']:.3f}",
+                     " ".join(f"{name} {best['score']:.3f} ({best['threshold']:g} / {best['min_component_size']})"
+                              for name, best in oracle.items())))
         for rule, tolerance in _rules(args):
             record = calibrated_record(val_logits, cases, model_voxel_size_um=ensemble.voxel_size_um,
                                        component_sizes=COMPONENT_SIZE_GRID, calibration_tolerance=tolerance,
@@ -88,21 +104,50 @@ def main(argv: list[str] | None = None) -> int:
                               infer_config)
             scores = {name: float(surface_dice(truth, recut.to_mask(logits)))
                       for (name, _, truth, _), logits in zip(tests, test_logits, strict=True)}
-            test_mean = float(np.mean([s for name, s in scores.items() if name not in probe_names]))
-            probe_mean = float(np.mean([s for name, s in scores.items() if name in probe_names]))
+            means = _means(scores, probe_names)
             results.append({"checkpoint": str(checkpoint), "rule": rule, "tolerance": tolerance, "threshold": threshold,
                             "min_component_size": size, "validation": record["val_surface_dice_cleaned"],
-                            "test_mean": test_mean, "probe_mean": probe_mean, "scores": scores})
+                            **means, "scores": scores})
             rows.append((_short(checkpoint), rule, f"{tolerance:g}", f"{threshold:g}", size,
-                         f"{record['val_surface_dice_cleaned']:.3f}", f"{test_mean:.3f}", f"{probe_mean:.3f}",
+                         f"{record['val_surface_dice_cleaned']:.3f}", f"{means['test_mean']:.3f}",
+                         f"{means['probe_mean']:.3f}",
                          " ".join(f"{name} {score:.3f}" for name, score in scores.items())))
         print(f"{checkpoint}: {time.perf_counter() - started:.0f} s", flush=True)
     _common.print_table(HEADERS, rows)
     _print_changes(results, _rules(args))
     sources = _common.source_digests("vessel_kit.calibration", "vessel_kit.validation", "vessel_kit.predictor")
     _common.write_json(args.json, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                   "results": results, "sources": sources})
+                                   "results": results, "oracles": oracles, "sources": sources})
     return 0
+
+
+def _oracle(predictor: Predictor, tests: list[tuple], test_logits: list[LogitVolume]) -> dict[str, dict]:
+    """Each volume's best surface Dice over every grid cut and component size, and where: masks
+    as ``Predictor.to_mask`` makes them (components counted at the model's resolution)."""
+    from vessel_kit.calibration import COMPONENT_SIZE_GRID, THRESHOLD_GRID, scaled_component_size
+    from vessel_kit.metric import surface_dice
+    from vessel_kit.postprocess import remove_small_components
+    from vessel_kit.predictor import Predictor
+
+    best = {}
+    for (name, _, truth, _), logits in zip(tests, test_logits, strict=True):
+        ratio = float(np.prod(logits.shape) / np.prod(logits.accumulator.shape))
+        for threshold in THRESHOLD_GRID:
+            mask = Predictor(dataclasses.replace(predictor.ensemble, threshold=threshold, min_component_size=0),
+                             predictor.config).to_mask(logits)
+            for size in COMPONENT_SIZE_GRID:
+                kept = mask if size <= 1 else remove_small_components(
+                    mask, scaled_component_size(size, ratio), connectivity=predictor.config.connectivity)
+                score = float(surface_dice(truth, kept))
+                if name not in best or score > best[name]["score"]:
+                    best[name] = {"score": score, "threshold": threshold, "min_component_size": size}
+    return best
+
+
+def _means(scores: dict[str, float], probe_names: set[str]) -> dict[str, float]:
+    """The mean score of the dataset's test volumes and of the probe's."""
+    return {"test_mean": float(np.mean([s for name, s in scores.items() if name not in probe_names])),
+            "probe_mean": float(np.mean([s for name, s in scores.items() if name in probe_names]))}
 
 
 def _rules(args: argparse.Namespace) -> list[tuple[str, float]]:

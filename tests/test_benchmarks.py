@@ -98,6 +98,10 @@ def test_calibration_recuts_a_checkpoint_with_every_rule(bench, random_unet, tmp
     for result in results:
         assert result["threshold"] in THRESHOLD_GRID
         assert 0.0 <= result["test_mean"] <= 1.0 and 0.0 <= result["probe_mean"] <= 1.0
+    oracle, = json.loads(out.read_text())["oracles"]  # each volume at its best cut: no rule beats it
+    for result in results:
+        for name, score in result["scores"].items():
+            assert oracle["volumes"][name]["score"] >= score, (result["rule"], name)
 
 
 @pytest.mark.slow
