@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             threshold, size = record["val_threshold"], record["val_min_component_size"]
             # the checkpoint as training would have written it with this rule (the component size
             # is counted at the model's resolution and scales with each volume's voxel size)
-            recut = Predictor(dataclasses.replace(ensemble, threshold=threshold, min_component_size=size),
-                              infer_config)
+            recut = _recut(predictor, threshold, size)
             scores = {name: float(surface_dice(truth, recut.to_mask(logits)))
                       for (name, _, truth, _), logits in zip(tests, test_logits, strict=True)}
             means = _means(scores, probe_names)
@@ -127,21 +126,28 @@ def _oracle(predictor: Predictor, tests: list[tuple], test_logits: list[LogitVol
     from vessel_kit.calibration import COMPONENT_SIZE_GRID, THRESHOLD_GRID, scaled_component_size
     from vessel_kit.metric import surface_dice
     from vessel_kit.postprocess import remove_small_components
-    from vessel_kit.predictor import Predictor
 
     best = {}
     for (name, _, truth, _), logits in zip(tests, test_logits, strict=True):
-        ratio = float(np.prod(logits.shape) / np.prod(logits.accumulator.shape))
         for threshold in THRESHOLD_GRID:
-            mask = Predictor(dataclasses.replace(predictor.ensemble, threshold=threshold, min_component_size=0),
-                             predictor.config).to_mask(logits)
+            mask = _recut(predictor, threshold, 0).to_mask(logits)
             for size in COMPONENT_SIZE_GRID:
                 kept = mask if size <= 1 else remove_small_components(
-                    mask, scaled_component_size(size, ratio), connectivity=predictor.config.connectivity)
+                    mask, scaled_component_size(size, logits.voxels_per_model_voxel),
+                    connectivity=predictor.config.connectivity)
                 score = float(surface_dice(truth, kept))
                 if name not in best or score > best[name]["score"]:
                     best[name] = {"score": score, "threshold": threshold, "min_component_size": size}
     return best
+
+
+def _recut(predictor: Predictor, threshold: float, min_component_size: int) -> Predictor:
+    """``predictor``'s models and config with another calibration, as training would have written
+    it into the checkpoint (the component size counted at the model's resolution)."""
+    from vessel_kit.predictor import Predictor
+
+    return Predictor(dataclasses.replace(predictor.ensemble, threshold=threshold, min_component_size=min_component_size),
+                     predictor.config)
 
 
 def _means(scores: dict[str, float], probe_names: set[str]) -> dict[str, float]:

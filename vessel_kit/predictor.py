@@ -115,6 +115,12 @@ class LogitVolume:
             return self.accumulator
         return resample_volume(self.accumulator, self.shape, dtype=np.float16)
 
+    @property
+    def voxels_per_model_voxel(self) -> float:
+        """Voxels of ``shape`` per voxel of the accumulator (the models' resolution): what a
+        component size counted at the models' resolution scales by for this volume."""
+        return float(np.prod(self.shape) / np.prod(self.accumulator.shape))
+
 
 class Prediction(NamedTuple):
     """A volume's ``LogitVolume`` and its bool mask (None when not asked for)."""
@@ -371,7 +377,7 @@ class Predictor:
         (``min_component_size``: the calibrated one scales with the volume's voxel size).
         Streams the logits slice by slice; writes into ``out`` when given."""
         mask = self._mask(logits, self.threshold, out) if logits.hull is None else self._hull_mask(logits, out)
-        min_size = self.min_component_size(np.prod(logits.shape) / np.prod(logits.accumulator.shape))
+        min_size = self.min_component_size(logits.voxels_per_model_voxel)
         if min_size > 1:
             return remove_small_components(mask, min_size, connectivity=self.config.connectivity, out=mask)
         return mask
