@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -118,3 +119,43 @@ def test_generalization_runs_one_small_fold(bench, tmp_path):
     for by_voxel in fold["scores"].values():
         assert set(by_voxel) == {"50.0", "63.08"} and all(0.0 <= s <= 1.0 for s in by_voxel.values())
     assert set(fold["goals"]) == {"margin", "margin_met", "resolution_change", "resolution_met"}
+
+
+@pytest.mark.slow  # two short trainings and the calibration bench: ~45 s
+def test_recipe_variants_trains_each_seed_and_pairs_the_changes(bench, tmp_path, monkeypatch):
+    from vessel_kit.synth import make_synthetic_dataset
+
+    variants = bench("bench_recipe_variants")
+    monkeypatch.setattr(bench("bench_outside_probe"), "SHAPE", (16, 96, 96))
+    data = make_synthetic_dataset(tmp_path / "data", scale=0.25, seed=0, progress=False)
+    out = tmp_path / "variants.json"
+    argv = ["--data", str(data), "--work", str(tmp_path / "work"), "--seeds", "0", "--json", str(out),
+            "--set", '{"epochs": 1, "val_from_epoch": 0, "crops": {"crops_per_epoch": 16}}',
+            "--variant", 'one_slice={"model": {"in_chans": 1}}']
+    assert variants.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"]) for r in results["runs"]] == [("recipe", 0), ("one_slice", 0)]
+    recipe, one_slice = results["means"]
+    assert recipe["test_mean_change"] == 0.0 and recipe["probe_mean_change"] == 0.0
+    run = results["runs"][1]
+    assert one_slice["test_mean_change"] == pytest.approx(run["test_mean"] - results["runs"][0]["test_mean"])
+    assert run["oracle_test_mean"] >= run["test_mean"] - 1e-12  # no rule beats each volume's best cut
+    assert (tmp_path / "work" / "one_slice" / "seed0" / "best.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "x={not json}"], "--variant x: not JSON"),
+    (["--variant", "x=[1]"], "--variant x must be a JSON mapping"),
+    (["--variant", "recipe={}"], "variant name 'recipe' given twice"),
+    (["--variant", 'x={"seed": 3}'], "--variant x sets \\['seed'\\]"),
+    (["--variant", 'x={"loss": "dyce"}'], "--variant x: training option loss: unknown loss 'dyce'"),
+    (["--seeds", "1", "1"], "--seeds repeats a seed"),
+    (["--no-recipe"], "nothing to train"),
+])
+def test_recipe_variants_refuses_bad_options_before_training(bench, tmp_path, capsys, argv, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "solution.csv").write_text("id,rle,width,height,image,group,slice\n")
+    with pytest.raises(SystemExit):
+        bench("bench_recipe_variants").parse_args(["--data", str(data), "--work", str(tmp_path / "w"), *argv])
+    assert re.search(message, capsys.readouterr().err)

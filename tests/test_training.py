@@ -171,6 +171,9 @@ def test_epochs_before_val_from_epoch_are_not_validated_nor_best(data_root, tmp_
     ({"calibration_rule": "median"}, "calibration_rule must be one of \\['mean', 'case_median'\\], got 'median'"),
     ({"val_from_epoch": -1}, "val_from_epoch must be an epoch number >= 0, got -1"),
     ({"val_from_epoch": True}, "training option val_from_epoch must be int"),
+    ({"loss": [{"name": "dice"}]}, "training option loss: composite loss parts must be \\{name: ..., weight: ...\\}"),
+    ({"loss": "dyce"}, "training option loss: unknown loss 'dyce'; valid losses: dice, "),
+    ({"loss": {"name": "skeleton_recall", "iterations": 0}}, "training option loss: iterations must be an int >= 1"),
 ])
 def test_bad_option_values_are_named(option, match):
     with pytest.raises(ValueError, match=match):

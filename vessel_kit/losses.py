@@ -73,15 +73,14 @@ class DiceLoss(nn.Module):
 
     def __init__(self, smooth: float = 1.0, batch: bool = True) -> None:
         super().__init__()
-        if not smooth > 0:
-            raise ValueError(f"smooth must be > 0, got {smooth}")
+        _check_smooth(smooth)
         self.smooth = float(smooth)
         self.batch = bool(batch)
 
     def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
         logits, target, valid = _as_float32(logits, target, valid)
         prob = torch.sigmoid(logits)
-        dims = tuple(range(prob.ndim)) if self.batch else tuple(range(1, prob.ndim))
+        dims = _sum_dims(prob.ndim, self.batch)
         intersection = _times(prob * target, valid).sum(dims)
         total = _times(prob + target, valid).sum(dims)
         dice = (2 * intersection + self.smooth) / (total + self.smooth)
@@ -243,17 +242,14 @@ class BoundaryDoULoss(nn.Module):
 
     def __init__(self, smooth: float = 1e-5, max_alpha: float = 0.8) -> None:
         super().__init__()
-        if not smooth > 0:
-            raise ValueError(f"smooth must be > 0, got {smooth}")
+        _check_smooth(smooth)
         if not -1.0 <= max_alpha < 1.0:
             raise ValueError(f"max_alpha must be in [-1, 1), got {max_alpha}")
         self.smooth = float(smooth)
         self.max_alpha = float(max_alpha)
 
     def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
-        logits, target, valid = _as_float32(logits, target, valid)
-        if logits.ndim not in (4, 5):
-            raise ValueError(f"logits must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(logits.shape)}")
+        logits, target, valid = _spatial_float32(logits, target, valid)
         prob = _times(torch.sigmoid(logits), valid)
         soft = _times(target, valid)
         with torch.no_grad():
@@ -305,20 +301,17 @@ class SurfaceDiceLoss(nn.Module):
         super().__init__()
         if not is_int(tolerance) or tolerance < 0:
             raise ValueError(f"tolerance must be a non-negative int (voxels), got {tolerance!r}")
-        if not smooth > 0:
-            raise ValueError(f"smooth must be > 0, got {smooth}")
+        _check_smooth(smooth)
         self.tolerance = tolerance
         self.smooth = float(smooth)
         self.batch = bool(batch)
 
     def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
-        logits, target, valid = _as_float32(logits, target, valid)
-        if logits.ndim not in (4, 5):
-            raise ValueError(f"logits must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(logits.shape)}")
+        logits, target, valid = _spatial_float32(logits, target, valid)
         inside = None if valid is None else (valid > 0).float().expand_as(logits)
         prob_edge = _soft_boundary(torch.sigmoid(logits), inside)
         target_edge = _soft_boundary(target, inside)
-        dims = tuple(range(logits.ndim)) if self.batch else tuple(range(1, logits.ndim))
+        dims = _sum_dims(logits.ndim, self.batch)
         near = (_times(prob_edge * _dilate(target_edge, self.tolerance), valid)
                 + _times(target_edge * _dilate(prob_edge, self.tolerance), valid)).sum(dims)
         total = _times(prob_edge + target_edge, valid).sum(dims)
@@ -356,22 +349,19 @@ class SkeletonRecallLoss(nn.Module):
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
         if not is_int(tube_radius) or tube_radius < 0:
             raise ValueError(f"tube_radius must be a non-negative int (pixels), got {tube_radius!r}")
-        if not smooth > 0:
-            raise ValueError(f"smooth must be > 0, got {smooth}")
+        _check_smooth(smooth)
         self.iterations = iterations
         self.tube_radius = tube_radius
         self.smooth = float(smooth)
         self.batch = bool(batch)
 
     def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
-        logits, target, valid = _as_float32(logits, target, valid)
-        if logits.ndim not in (4, 5):
-            raise ValueError(f"logits must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(logits.shape)}")
+        logits, target, valid = _spatial_float32(logits, target, valid)
         with torch.no_grad():
             inside = None if valid is None else (valid > 0).float().expand_as(target)
             skeleton = _dilate(_soft_skeleton(target, self.iterations, inside), self.tube_radius) * target
             skeleton = _times(skeleton, valid)
-        dims = tuple(range(logits.ndim)) if self.batch else tuple(range(1, logits.ndim))
+        dims = _sum_dims(logits.ndim, self.batch)
         found = (torch.sigmoid(logits) * skeleton).sum(dims)
         return 1 - ((found + self.smooth) / (skeleton.sum(dims) + self.smooth)).mean()
 
@@ -523,6 +513,26 @@ def _instantiate(
             f"unknown argument(s) {', '.join(unknown)} for {what} {name!r}; valid: {', '.join(accepted)}"
         )
     return cls(**kwargs)
+
+
+def _check_smooth(smooth: float) -> None:
+    """The ratio losses' ``smooth``: > 0, so that empty sums give 0 loss instead of 0/0."""
+    if not smooth > 0:
+        raise ValueError(f"smooth must be > 0, got {smooth}")
+
+
+def _sum_dims(ndim: int, batch: bool) -> tuple[int, ...]:
+    """The dimensions a ratio loss sums over: all (``batch``: one ratio for the batch), or all
+    but the first (one ratio per sample, averaged)."""
+    return tuple(range(ndim)) if batch else tuple(range(1, ndim))
+
+
+def _spatial_float32(logits: Tensor, target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``_as_float32`` for the losses that look at neighbours: (B, C, H, W) or (B, C, D, H, W) only."""
+    logits, target, valid = _as_float32(logits, target, valid)
+    if logits.ndim not in (4, 5):
+        raise ValueError(f"logits must be (B, C, H, W) or (B, C, D, H, W), got shape {tuple(logits.shape)}")
+    return logits, target, valid
 
 
 def _as_float32(logits: Tensor, target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:

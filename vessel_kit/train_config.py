@@ -32,6 +32,7 @@ from .config_files import load_yaml_mapping
 from .config_sections import check_option_types, section_from_mapping
 from .data import CropConfig
 from .infer_config import InferConfig
+from .losses import build_loss
 from .models import ModelConfig
 from .normalize import Normalization
 from .optim import OptimConfig
@@ -169,6 +170,10 @@ class TrainConfig:
             InferConfig.from_dict(self.infer)
         except ValueError as error:
             raise ValueError(f"training option infer: {error}") from None
+        try:  # a misspelt loss fails here, not after the volumes are read
+            build_loss(self.loss)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"training option loss: {error}") from None
         if self.num_workers < 0 or self.val_batch_size < 1:
             raise ValueError(f"num_workers must be >= 0 and val_batch_size >= 1, got {self.num_workers}, {self.val_batch_size}")
         if self.epochs < 1 or self.batch_size < 1:
