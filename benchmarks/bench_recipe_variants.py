@@ -110,12 +110,13 @@ def _variant_means(rows: list[dict]) -> list[dict]:
         mine = [r for r in records if r["variant"] == name]
         mean = {key: float(np.mean([r[key] for r in mine]))
                 for key in ("test_mean", "probe_mean", "oracle_test_mean", "oracle_probe_mean")}
-        change = {f"{key}_change": float(np.mean([r[key] - recipe[r["seed"]][key] for r in mine]))
+        paired = all(r["seed"] in recipe for r in mine)  # not under --no-recipe
+        change = {f"{key}_change": float(np.mean([r[key] - recipe[r["seed"]][key] for r in mine])) if paired else None
                   for key in ("test_mean", "probe_mean")}
         record = {"variant": name, "seeds": [r["seed"] for r in mine], **mean, **change}
         cells = (name, len(mine), f"{mean['oracle_test_mean']:.3f} / {mean['oracle_probe_mean']:.3f}",
                  f"{mean['test_mean']:.3f}", f"{mean['probe_mean']:.3f}",
-                 f"{change['test_mean_change']:+.3f}", f"{change['probe_mean_change']:+.3f}")
+                 *(f"{value:+.3f}" if paired else "-" for value in change.values()))
         means.append({"record": record, "cells": cells})
     return means
 

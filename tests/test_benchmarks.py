@@ -143,6 +143,21 @@ def test_recipe_variants_trains_each_seed_and_pairs_the_changes(bench, tmp_path,
     assert (tmp_path / "work" / "one_slice" / "seed0" / "best.safetensors").is_file()
 
 
+def test_recipe_variants_pairs_changes_only_with_the_recipe_trained(bench):
+    """Under --no-recipe there is nothing to pair: changes are None, not a KeyError after training."""
+    def row(variant, seed, test, probe):
+        return {"record": {"variant": variant, "seed": seed, "test_mean": test, "probe_mean": probe,
+                           "oracle_test_mean": test + 0.1, "oracle_probe_mean": probe + 0.1}}
+
+    variants = bench("bench_recipe_variants")
+    paired = variants._variant_means([row("recipe", 0, 0.4, 0.3), row("recipe", 1, 0.5, 0.2),
+                                      row("x", 0, 0.6, 0.2), row("x", 1, 0.4, 0.4)])
+    assert [m["record"]["test_mean_change"] for m in paired] == [0.0, pytest.approx(0.05)]
+    assert paired[1]["record"]["probe_mean_change"] == pytest.approx(0.05)
+    alone, = variants._variant_means([row("x", 0, 0.6, 0.2)])
+    assert alone["record"]["test_mean_change"] is None and alone["cells"][-2:] == ("-", "-")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--variant", "x={not json}"], "--variant x: not JSON"),
     (["--variant", "x=[1]"], "--variant x must be a JSON mapping"),
