@@ -297,3 +297,15 @@ def parse_shape(text: str, ndim: int) -> tuple[int, ...]:
     if len(parts) != ndim or min(parts) < 1:
         raise ValueError(f"expected {ndim} positive sizes like {'x'.join(['64'] * ndim)}, got {text!r}")
     return parts
+
+
+def json_mapping(text: str, option: str) -> dict:
+    """``text`` parsed as a JSON mapping of training options, for an argparse ``type``: a clear
+    ArgumentTypeError naming ``option`` if it is not JSON or not a mapping."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{option}: not JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{option} must be a JSON mapping of training options, got {text!r}")
+    return value

@@ -39,7 +39,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import _common  # noqa: E402
 from bench_outside_probe import VARIANTS, VOXEL_SIZE_UM, probe_volume  # noqa: E402
-from vessel_kit.calibration import CALIBRATION_RULES, check_tolerance  # noqa: E402
+from vessel_kit.calibration import CALIBRATION_RULES, check_component_sizes, check_tolerance  # noqa: E402
 
 if TYPE_CHECKING:
     from vessel_kit.predictor import LogitVolume, Predictor
@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vessel_kit.axes import AXES
-    from vessel_kit.calibration import COMPONENT_SIZE_GRID
     from vessel_kit.infer_config import InferConfig
     from vessel_kit.layout import find_volumes, load_train_volumes
     from vessel_kit.metric import surface_dice
@@ -66,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "progress": False})
     val_volumes = load_train_volumes(args.data, recipe.val_volumes, soft_labels=recipe.soft_labels, progress=False)
     cases = validation_cases(val_volumes, recipe.val_voxel_sizes_um)
+    component_sizes = args.component_sizes or recipe.calibration_component_sizes
     tests = [(volume.name, volume.read_images(), read_solution_volume(args.data / "solution.csv", volume.name),
               volume.voxel_size_um) for volume in find_volumes(args.data, "test")]
     tests += [(variant, *probe_volume(variant, args.probe_seed + index), VOXEL_SIZE_UM)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                               for name, best in oracle.items())))
         for rule, tolerance in _rules(args):
             record = calibrated_record(val_logits, cases, model_voxel_size_um=ensemble.voxel_size_um,
-                                       component_sizes=COMPONENT_SIZE_GRID, calibration_tolerance=tolerance,
+                                       component_sizes=component_sizes, calibration_tolerance=tolerance,
                                        calibration_rule=rule)
             threshold, size = record["val_threshold"], record["val_min_component_size"]
             # the checkpoint as training would have written it with this rule (the component size
@@ -196,6 +196,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rules", nargs="+", default=["mean"], choices=CALIBRATION_RULES,
                         help="calibration rules to compare, each at every tolerance; the first rule at the first "
                              "tolerance is the reference (default mean)")
+    parser.add_argument("--component-sizes", type=int, nargs="+", help="smallest-component sizes the rules choose from "
+                        "(default: the recipe's calibration_component_sizes); the oracle always tries the full grid")
     parser.add_argument("--config", default="cpu", help="named InferConfig for the test volumes (default cpu)")
     parser.add_argument("--tile-size", type=int, help="inference tile for the test volumes (default: the "
                         "config's, else each checkpoint's training crop)")
@@ -209,11 +211,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"{args.data} has no solution.csv (the test volumes' truth)")
     if args.tile_size is not None and args.tile_size < 16:
         parser.error(f"--tile-size must be at least 16 pixels, got {args.tile_size}")
-    for tolerance in args.tolerances:
-        try:
-            check_tolerance(tolerance, "--tolerances")  # training's own check of the option
-        except ValueError as error:
-            parser.error(str(error))
+    try:
+        for tolerance in args.tolerances:
+            check_tolerance(tolerance, "--tolerances")  # training's own checks of the options
+        if args.component_sizes is not None:
+            check_component_sizes(args.component_sizes, "--component-sizes")
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--folds", type=int, help="run at most this many folds")
     parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
     parser.add_argument("--crops-per-epoch", type=int, help="training crops per epoch (default: the recipe's)")
+    parser.add_argument("--set", dest="overrides", type=lambda text: _common.json_mapping(text, "--set"), default={},
+                        metavar="JSON", help="training options merged over the recipe's, e.g. a variant's loss")
     parser.add_argument("--tta", default="flips", choices=TTA_MODES, help="infer_volume's test-time augmentation")
     parser.add_argument("--shape", type=lambda text: _common.parse_shape(text, 3), default=(64, 256, 256),
                         help="every training and validation volume's shape Z x Y x X (default 64x256x256)")
@@ -184,17 +186,19 @@ def write_dataset(root: Path, styles: dict[str, str], shape: tuple[int, int, int
 
 
 def train_model(root: Path, out_dir: Path, train: list[str], val: list[str], args: argparse.Namespace) -> tuple[Path, dict]:
-    """Train the ``synthetic_cpu`` recipe (with ``--epochs`` and ``--crops-per-epoch`` when given);
-    (best checkpoint, what the run reports)."""
+    """Train the ``synthetic_cpu`` recipe (with ``--set``, ``--epochs`` and ``--crops-per-epoch`` when
+    given); (best checkpoint, what the run reports)."""
     from vessel_kit.models import read_checkpoint_metadata
+    from vessel_kit.recipes import merge_config
     from vessel_kit.training import TrainConfig, train as run_training
 
-    options = {"base": "synthetic_cpu", "data_root": str(root), "out_dir": str(out_dir), "train_volumes": train,
-               "val_volumes": val, "volume_weights": {}, "progress": False}
+    options = merge_config(args.overrides, {"base": "synthetic_cpu", "data_root": str(root), "out_dir": str(out_dir),
+                                            "train_volumes": train, "val_volumes": val, "volume_weights": {},
+                                            "progress": False})
     if args.epochs is not None:
         options["epochs"] = args.epochs
     if args.crops_per_epoch is not None:
-        options["crops"] = {"crops_per_epoch": args.crops_per_epoch}
+        options["crops"] = {**options.get("crops", {}), "crops_per_epoch": args.crops_per_epoch}
     result = run_training(TrainConfig.from_dict(options))
     metadata = read_checkpoint_metadata(result.best_checkpoint)
     return result.best_checkpoint, {

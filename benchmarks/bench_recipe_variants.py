@@ -126,17 +126,7 @@ def _variant(text: str) -> tuple[str, dict]:
     name, sep, overrides = text.partition("=")
     if not sep or not name.isidentifier():
         raise argparse.ArgumentTypeError(f"a variant is NAME=JSON with NAME a plain identifier, got {text!r}")
-    return name, _json_mapping(overrides, f"--variant {name}")
-
-
-def _json_mapping(text: str, option: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"{option}: not JSON ({error}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{option} must be a JSON mapping of training options, got {text!r}")
-    return value
+    return name, _common.json_mapping(overrides, f"--variant {name}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -149,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         metavar="NAME=JSON", help="a variant: the recipe with these option overrides (repeatable)")
     parser.add_argument("--no-recipe", action="store_true", help="leave the unchanged recipe out (no paired changes)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    parser.add_argument("--set", dest="common", type=lambda t: _json_mapping(t, "--set"), default={},
+    parser.add_argument("--set", dest="common", type=lambda t: _common.json_mapping(t, "--set"), default={},
                         metavar="JSON", help="overrides for every run, the recipe's too (e.g. a short smoke run)")
     parser.add_argument("--rule", default="case_median", choices=CALIBRATION_RULES,
                         help="calibration rule of the scores (default case_median, the recipe's)")

@@ -92,17 +92,58 @@ def test_calibration_recuts_a_checkpoint_with_every_rule(bench, random_unet, tmp
     checkpoint = random_unet(tmp_path / "random.safetensors")
     out = tmp_path / "calibration.json"
     assert calibration.main([str(checkpoint), "--data", str(data), "--rules", "mean", "case_median",
-                             "--tolerances", "0", "0.01", "--json", str(out)]) == 0
+                             "--tolerances", "0", "0.01", "--component-sizes", "7", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert [(r["rule"], r["tolerance"]) for r in results] == [("mean", 0), ("mean", 0.01), ("case_median", 0),
                                                               ("case_median", 0.01)]
     for result in results:
         assert result["threshold"] in THRESHOLD_GRID
+        assert result["min_component_size"] == 7  # the only size the rules were given
         assert 0.0 <= result["test_mean"] <= 1.0 and 0.0 <= result["probe_mean"] <= 1.0
     oracle, = json.loads(out.read_text())["oracles"]  # each volume at its best cut: no rule beats it
     for result in results:
         for name, score in result["scores"].items():
             assert oracle["volumes"][name]["score"] >= score, (result["rule"], name)
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench_calibration", ["--component-sizes", "0", "-10"], "--component-sizes must be a non-empty list of ints >= 0"),
+    ("bench_generalization", ["--set", "[1]"], "--set must be a JSON mapping of training options"),
+    ("bench_generalization", ["--set", "{loss: dice}"], "--set: not JSON"),
+])
+def test_calibration_and_generalization_refuse_bad_options(bench, random_unet, tmp_path, capsys, script, argv, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "solution.csv").write_text("id,rle,width,height,image,group,slice\n")
+    before = [str(random_unet(tmp_path / "random.safetensors")), "--data", str(data)] if script == "bench_calibration" else []
+    with pytest.raises(SystemExit):
+        bench(script).parse_args([*before, *argv])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_generalization_trains_the_recipe_with_the_options_set(bench, tmp_path, monkeypatch):
+    """``--set`` reaches the fold's training config, merged section by section over the recipe's;
+    the fold's own volumes and folders are not its to change."""
+    from vessel_kit import training
+
+    class Trained(Exception):
+        """Raised by the stand-in trainer once it has the config."""
+
+    def trainer(config):
+        seen.append(config)
+        raise Trained
+
+    generalization = bench("bench_generalization")
+    seen = []
+    monkeypatch.setattr(training, "train", trainer)
+    args = generalization.parse_args(["--set", '{"loss": "dice", "crops": {"crop_size": 64}, "train_volumes": ["x"]}',
+                                      "--crops-per-epoch", "64"])
+    with pytest.raises(Trained):
+        generalization.train_model(tmp_path, tmp_path / "run", ["train_0_hipct"], ["val_hipct"], args)
+    config, = seen
+    assert config.loss == "dice" and config.train_volumes == ["train_0_hipct"]
+    assert config.crops.crop_size == 64 and config.crops.crops_per_epoch == 64
+    assert config.crops.rotate_p == 0.2  # the recipe's other crops options stay
 
 
 @pytest.mark.slow

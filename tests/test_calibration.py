@@ -171,8 +171,11 @@ def test_component_sizes_count_model_voxels_and_scale_to_the_volume():
     assert size == 1000 and scores[1, 0] == 1.0
     with pytest.raises(ValueError, match="as many masks as truths and voxel ratios"):
         calibrate_min_component_size([mask], [truth], voxel_ratios=[1.0, 1.0])
-    with pytest.raises(ValueError, match="component sizes must be ints >= 0"):
-        calibrate_min_component_size([mask], [truth], grid=(0, -5))
+    for bad in ((0, -5), (), (0, True), [10.0]):
+        with pytest.raises(ValueError, match="component sizes must be a non-empty list of ints >= 0"):
+            calibrate_min_component_size([mask], [truth], grid=bad)
+    with pytest.raises(ValueError, match="voxel ratios must be > 0"):
+        calibrate_min_component_size([mask], [truth], voxel_ratios=[0.0])
 
 
 def test_validation_calibrates_the_smallest_component_at_its_threshold():

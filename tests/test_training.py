@@ -120,7 +120,8 @@ def test_unknown_volume_names_the_available_ones(data_root, tmp_path):
 def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_path, monkeypatch):
     from vessel_kit.models import read_checkpoint_metadata
 
-    result = train(tiny_config(data_root, tmp_path / "run", epochs=1, val_voxel_sizes_um=[63.08]))
+    result = train(tiny_config(data_root, tmp_path / "run", epochs=1, val_voxel_sizes_um=[63.08],
+                               calibration_component_sizes=[7]))
     record = result.history[0]
     coarse = record["val_surface_dice_kidney_3_dense@63.08um"]
     assert record["val_surface_dice"] == pytest.approx((record["val_surface_dice_kidney_3_dense"] + coarse) / 2)
@@ -128,9 +129,10 @@ def test_simulated_private_validation_and_calibrated_threshold(data_root, tmp_pa
     # The final threshold is calibrated on every axis, as inference predicts by default.
     assert header["threshold"] == header["metrics"]["val_threshold_3axes"]
     assert header["metrics"]["val_threshold"] == record["val_threshold"]
+    assert header["min_component_size"] == 7  # chosen from the config's sizes, the only one given
     # A rerun of the finished run resumes with nothing to do: no second calibration pass.
     monkeypatch.setattr(train_module, "_calibrate_on_every_axis", lambda *args: pytest.fail("calibrated twice"))
-    train(tiny_config(data_root, tmp_path / "run", epochs=1, val_voxel_sizes_um=[63.08]))
+    train(tiny_config(data_root, tmp_path / "run", epochs=1, val_voxel_sizes_um=[63.08], calibration_component_sizes=[7]))
     with pytest.raises(ValueError, match="val_voxel_sizes_um must be positive"):
         tiny_config(data_root, tmp_path / "bad", val_voxel_sizes_um=[0])
 
@@ -170,6 +172,10 @@ def test_epochs_before_val_from_epoch_are_not_validated_nor_best(data_root, tmp_
     ({"calibration_tolerance": float("inf")}, "calibration_tolerance must be"),
     ({"calibration_rule": "median"}, "calibration_rule must be one of \\['mean', 'case_median'\\], got 'median'"),
     ({"val_from_epoch": -1}, "val_from_epoch must be an epoch number >= 0, got -1"),
+    ({"calibration_component_sizes": []}, "calibration_component_sizes must be a non-empty list of ints >= 0"),
+    ({"calibration_component_sizes": [0, -10]}, "calibration_component_sizes must be a non-empty list of ints >= 0"),
+    ({"calibration_component_sizes": [0, 1.5]}, "calibration_component_sizes must be a non-empty list of ints >= 0"),
+    ({"calibration_component_sizes": "300"}, "training option calibration_component_sizes must be list\\[int\\], got '300'"),
     ({"val_from_epoch": True}, "training option val_from_epoch must be int"),
     ({"loss": [{"name": "dice"}]}, "training option loss: composite loss parts must be \\{name: ..., weight: ...\\}"),
     ({"loss": "dyce"}, "training option loss: unknown loss 'dyce'; valid losses: dice, "),

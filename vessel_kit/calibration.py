@@ -48,7 +48,7 @@ CALIBRATION_RULES = ("mean", "case_median")
 THRESHOLD_GRID = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 __all__ = ["CALIBRATION_RULES", "COMPONENT_SIZE_GRID", "THRESHOLD_GRID", "best_threshold_row", "calibrate_min_component_size",
-           "calibrate_threshold", "check_rule", "check_tolerance", "logit", "scaled_component_size", "threshold_scores"]
+           "calibrate_threshold", "check_component_sizes", "check_rule", "check_tolerance", "logit", "scaled_component_size", "threshold_scores"]
 
 
 def threshold_scores(
@@ -138,14 +138,22 @@ def calibrate_min_component_size(
         raise ValueError(f"need as many masks as truths and voxel ratios (at least one), got {len(masks)}, "
                          f"{len(truths)} and {len(ratios)}")
     check_tolerance(tolerance)
-    if not grid or any(int(size) != size or size < 0 for size in grid) or any(r <= 0 for r in ratios):
-        raise ValueError(f"component sizes must be ints >= 0 and voxel ratios > 0, got {list(grid)} and {ratios}")
+    check_component_sizes(grid)
+    if any(r <= 0 for r in ratios):
+        raise ValueError(f"voxel ratios must be > 0, got {ratios}")
     scores = np.empty((len(grid), len(masks)))
     for row, size in enumerate(grid):
         for column, (mask, truth, ratio) in enumerate(zip(masks, truths, ratios, strict=True)):
             cleaned = remove_small_components(mask, scaled_component_size(int(size), ratio), connectivity=connectivity)
             scores[row, column] = surface_dice(truth, cleaned)
     return int(min(grid[row] for row in _near_best_rows(scores.mean(axis=1), tolerance))), scores
+
+
+def check_component_sizes(sizes: Sequence[int], option: str = "component sizes") -> None:
+    """ValueError naming ``option`` unless ``sizes`` is a non-empty sequence of ints >= 0."""
+    if (isinstance(sizes, str | bytes) or not isinstance(sizes, Sequence) or not sizes
+            or any(isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 0 for size in sizes)):
+        raise ValueError(f"{option} must be a non-empty list of ints >= 0 (voxels; 0 keeps all), got {sizes!r}")
 
 
 def check_tolerance(tolerance: float, option: str = "calibration tolerance") -> None:

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-from .calibration import check_rule, check_tolerance
+from .calibration import COMPONENT_SIZE_GRID, check_component_sizes, check_rule, check_tolerance
 from .config_files import load_yaml_mapping
 from .config_sections import check_option_types, section_from_mapping
 from .data import CropConfig
@@ -141,8 +141,10 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     val_threshold: float | None = None  # None: calibrate on validation (stored in the checkpoint)
-    # with the calibrated threshold, also the smallest 3D component kept (calibration.COMPONENT_SIZE_GRID)
+    # with the calibrated threshold, also the smallest 3D component kept, one of calibration_component_sizes
     calibrate_min_component_size: bool = True
+    # the sizes it chooses from (voxels at the model's resolution, 0 keeps all; calibration.COMPONENT_SIZE_GRID)
+    calibration_component_sizes: list[int] = field(default_factory=lambda: list(COMPONENT_SIZE_GRID))
     # > 0: the lowest threshold (and smallest component size) whose validation score is within this
     # of the best, instead of the best: unseen scans are under-segmented at the best (calibration.py)
     calibration_tolerance: float = 0.0
@@ -194,6 +196,7 @@ class TrainConfig:
             raise ValueError(f"val_threshold is a probability in (0, 1) or null (calibrate), got {self.val_threshold}")
         check_tolerance(self.calibration_tolerance, "calibration_tolerance")
         check_rule(self.calibration_rule, "calibration_rule")
+        check_component_sizes(self.calibration_component_sizes, "calibration_component_sizes")
         if not 0.0 <= self.val_score_smoothing < 1.0:  # its type (a real, not a bool) is checked above
             raise ValueError(f"val_score_smoothing must be in [0, 1), got {self.val_score_smoothing!r}")
         if self.val_from_epoch < 0:

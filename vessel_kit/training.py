@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_output
 from .axes import AXES
-from .calibration import COMPONENT_SIZE_GRID
 from .data import CropDataset, TrainVolume, vessel_mask
 from .devices import usable_devices
 from .ema import ModelEMA
@@ -238,7 +237,7 @@ def _calibrate_on_every_axis(checkpoint: Path, cases, config: TrainConfig, devic
     record = validate(model, cases, in_chans=model_config.in_chans, normalization=model_config.normalization,
                       model_voxel_size_um=model_config.voxel_size_um, device=device,
                       batch_size=config.val_batch_size, axes=AXES, pad_planes_to=config.sample_size,
-                      component_sizes=COMPONENT_SIZE_GRID if config.calibrate_min_component_size else None,
+                      component_sizes=config.calibration_component_sizes if config.calibrate_min_component_size else None,
                       calibration_tolerance=config.calibration_tolerance, calibration_rule=config.calibration_rule)
     metrics = {**header["metrics"], **{f"{key}_3axes": value for key, value in record.items()}}
     save_checkpoint(checkpoint, model, model_config, metrics=metrics, extra=header["extra"],
