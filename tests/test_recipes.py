@@ -25,7 +25,7 @@ FLAT_SYNTHETIC_CPU = {
     "volume_weights": {"kidney_2": 0.6, **dict.fromkeys(_LOOKS, 0.1)},
     "encoder": "mobilenet_v2", "in_chans": 3, "crop_size": 96, "model_kwargs": {"decoder_channels": [128, 64, 32, 16, 8]},
     "foreground_fraction": 0.5, "crops_per_epoch": 1024, "augment": "light", "epochs": 8, "batch_size": 8,
-    "loss": [{"name": "dice", "weight": 1.0}, {"name": "bce", "weight": 1.0}],
+    "loss": [{"name": "dice", "weight": 1.0}, {"name": "bce", "weight": 1.0}, {"name": "surface_dice", "weight": 1.0}],
     "lr": 2e-3, "ema_decay": 0.98, "rotate_p": 0.2, "rotate_max_deg": 30.0, "zoom_p": 0.25, "zoom_range": [0.7, 1.15],
     "lowres_p": 0.15, "intensity_p": 0.4, "invert_p": 0.1,
 }
