@@ -285,11 +285,17 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def write_json(path: str | Path | None, data: dict) -> None:
+def write_json(path: str | Path | None, data: dict, *, quiet: bool = False) -> None:
+    """Write ``data`` as JSON to ``path`` (if given) atomically: a killed run leaves the previous
+    file or none, never half of one."""
+    from vessel_kit.atomic import atomic_output
+
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"\nresults written to {path}")
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        if not quiet:
+            print(f"\nresults written to {path}")
 
 
 def parse_shape(text: str, ndim: int) -> tuple[int, ...]:

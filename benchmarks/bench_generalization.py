@@ -9,9 +9,11 @@ For each held-out family of ``vessel_kit.synth.STYLES`` (a fold), in one run:
    ``--shape`` at 50 µm, fully labelled. ``faint`` is never trained on (as in the demo: its
    vessels are not visible in a slice), only held out;
 2. the ``synthetic_cpu`` recipe trained on it (``--epochs`` overrides the recipe's epochs);
-3. two held-out volumes of the held-out family, ``--test-shape``, made in memory with one seed: at 50 µm, and
-   the same anatomy resampled to 63.08 µm (kidney_6's voxel size: vessels appear 50/63.08
-   times as thick in voxels);
+3. ``--test-volumes`` draws of the held-out family (seeds ``--seed``, ``--seed`` + 1, ...), each
+   ``--test-shape`` and made in memory: at 50 µm, and the same anatomy resampled to 63.08 µm
+   (kidney_6's voxel size: vessels appear 50/63.08 times as thick in voxels). A family is a
+   distribution of looks: one draw can be invisible to every method (a ``random`` draw was), so
+   the table shows the mean over the draws and the JSON each draw's score;
 4. the model's masks from ``infer_volume(volume, best checkpoint, voxel_size_um=...)`` with its
    default threshold (the checkpoint's calibrated one, else 0.5); the 63.08 µm volume is
    resampled to the model's 50 µm and back;
@@ -31,6 +33,7 @@ wall time is recorded (the machine's load shows in ``machine``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print(_common.describe_machine(machine))
     with nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="bench_generalization_") as work:
         folds = [run_fold(family, trained, Path(work) / family, args) for family in held_out]
-    print(f"\nshape {'x'.join(map(str, args.shape))} (held out {'x'.join(map(str, args.test_shape))}), "
+    print(f"\nshape {'x'.join(map(str, args.shape))} (held out: {args.test_volumes} x {'x'.join(map(str, args.test_shape))}, "
+          f"scores their mean), "
           f"{args.train_volumes} training volumes per fold, seed {args.seed}, "
           f"epochs {args.epochs or 'recipe'}, crops per epoch {args.crops_per_epoch or 'recipe'}, tta {args.tta}")
     _common.print_table(HEADERS, [table_row(fold) for fold in folds])
@@ -99,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-shape", type=lambda text: _common.parse_shape(text, 3), default=(64, 256, 256),
                         help="the held-out volume's shape Z x Y x X (default 64x256x256)")
     parser.add_argument("--train-volumes", type=int, default=15, help="training volumes per fold (default 15)")
+    parser.add_argument("--test-volumes", type=int, default=3,
+                        help="held-out draws of the family per fold, scored and averaged (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the datasets and held-out volumes")
     parser.add_argument("--work", help="keep datasets and runs in this folder (default: a temporary one)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
@@ -109,8 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, option)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
-    if args.train_volumes < 1:
-        parser.error(f"--train-volumes must be >= 1, got {args.train_volumes}")
+    for option in ("train_volumes", "test_volumes"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     return args
 
 
@@ -144,10 +151,10 @@ def run_fold(held_out: str, families: list[str], folder: Path, args: argparse.Na
     with timed(seconds, "train"):
         checkpoint, training = train_model(root, folder / "run", list(train_styles), list(val_styles), args)
     with timed(seconds, "held_out_volumes"):
-        tests = held_out_volumes(held_out, args.test_shape, args.seed)
-    scores = {}
+        draws = [held_out_volumes(held_out, args.test_shape, args.seed + index) for index in range(args.test_volumes)]
+    per_volume = {}
     with timed(seconds, "model_predict"):
-        scores["model"] = score_model(checkpoint, tests, args.tta)
+        per_volume["model"] = [score_model(checkpoint, tests, args.tta) for tests in draws]
     with timed(seconds, "baselines_load"):
         images, labels = read_training_volumes(root, list(train_styles))
     fitted = {}
@@ -155,17 +162,26 @@ def run_fold(held_out: str, families: list[str], folder: Path, args: argparse.Na
         with timed(seconds, f"{name}_fit"):
             fitted[name] = fit(images, labels)
         with timed(seconds, f"{name}_predict"):
-            scores[name] = {voxel: score(truth, predict(image, fitted[name], voxel))
-                            for voxel, (image, truth) in tests.items()}
+            per_volume[name] = [{voxel: score(truth, predict(image, fitted[name], voxel))
+                                 for voxel, (image, truth) in tests.items()} for tests in draws]
     seconds["fold"] = time.perf_counter() - started
     result = {"held_out": held_out, "train_styles": train_styles, "val_styles": val_styles,
-              "scores": {name: {str(voxel): value for voxel, value in by_voxel.items()} for name, by_voxel in scores.items()},
+              "test_seeds": [args.seed + index for index in range(args.test_volumes)],
+              "scores": {name: mean_by_voxel(draw_scores) for name, draw_scores in per_volume.items()},
+              "scores_per_volume": {name: [{str(voxel): value for voxel, value in draw.items()} for draw in draw_scores]
+                                    for name, draw_scores in per_volume.items()},
               "training": training, "baselines": {name: asdict(params) for name, params in fitted.items()},
-              "vessel_fraction": {str(voxel): float(truth.mean()) for voxel, (_, truth) in tests.items()},
+              "vessel_fraction": [{str(voxel): float(truth.mean()) for voxel, (_, truth) in tests.items()}
+                                  for tests in draws],
               "seconds": seconds}
     result["goals"] = goals(result)
     print(f"   scores {result['scores']}\n   seconds { {k: round(v, 1) for k, v in seconds.items()} }", flush=True)
     return result
+
+
+def mean_by_voxel(draws: list[dict[float, float]]) -> dict[str, float]:
+    """{voxel size as str: the mean score over the held-out draws}."""
+    return {str(voxel): float(np.mean([draw[voxel] for draw in draws])) for voxel in draws[0]}
 
 
 @contextmanager
@@ -177,12 +193,28 @@ def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
 
 
 def write_dataset(root: Path, styles: dict[str, str], shape: tuple[int, int, int], seed: int) -> Path:
-    """A Kaggle-layout dataset of fully labelled training-split volumes (name: style) at 50 µm."""
+    """A Kaggle-layout dataset of fully labelled training-split volumes (name: style) at 50 µm.
+
+    Written once per ``--work`` folder: a rerun (after an interruption) reuses it, and training
+    then resumes its run, when ``dataset.json`` beside it says it was written for the same volumes,
+    shape and seed; any other dataset there is refused.
+    """
     from vessel_kit.synth import SyntheticVolumeSpec, make_synthetic_dataset
 
+    spec = {"styles": styles, "shape": list(shape), "seed": seed, "voxel_size_um": TRAIN_VOXEL_UM}
+    spec_path = root.parent / "dataset.json"
+    if root.exists():
+        written = json.loads(spec_path.read_text()) if spec_path.is_file() else None
+        if written == spec:
+            print(f"   reusing the fold's dataset {root}", flush=True)
+            return root
+        raise ValueError(f"{root} holds a dataset not written for this fold's volumes, shape and seed "
+                         f"({spec_path} {'differs' if written else 'is missing'}): remove it or choose another --work")
     specs = [SyntheticVolumeSpec(name=name, split="train", shape=tuple(shape), labelled_fraction=1.0, style=style,
                                  voxel_size_um=TRAIN_VOXEL_UM) for name, style in styles.items()]
-    return make_synthetic_dataset(root, seed=seed, volumes=specs, progress=False)
+    make_synthetic_dataset(root, seed=seed, volumes=specs, progress=False)
+    _common.write_json(spec_path, spec, quiet=True)
+    return root
 
 
 def train_model(root: Path, out_dir: Path, train: list[str], val: list[str], args: argparse.Namespace) -> tuple[Path, dict]:

@@ -110,6 +110,7 @@ def test_calibration_recuts_a_checkpoint_with_every_rule(bench, random_unet, tmp
     ("bench_calibration", ["--component-sizes", "0", "-10"], "--component-sizes must be a non-empty list of ints >= 0"),
     ("bench_generalization", ["--set", "[1]"], "--set must be a JSON mapping of training options"),
     ("bench_generalization", ["--set", "{loss: dice}"], "--set: not JSON"),
+    ("bench_generalization", ["--test-volumes", "0"], "--test-volumes must be >= 1"),
 ])
 def test_calibration_and_generalization_refuse_bad_options(bench, random_unet, tmp_path, capsys, script, argv, message):
     data = tmp_path / "data"
@@ -147,19 +148,32 @@ def test_generalization_trains_the_recipe_with_the_options_set(bench, tmp_path, 
 
 
 @pytest.mark.slow
-def test_generalization_runs_one_small_fold(bench, tmp_path):
+def test_generalization_runs_one_small_fold(bench, tmp_path, capsys):
     generalization = bench("bench_generalization")
     out = tmp_path / "generalization.json"
-    assert generalization.main(["--families", "bright", "--epochs", "1", "--crops-per-epoch", "8",
-                                "--shape", "16x64x64", "--test-shape", "16x64x64", "--train-volumes", "2",
-                                "--tta", "none", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    argv = ["--families", "bright", "--epochs", "1", "--crops-per-epoch", "8", "--shape", "16x64x64",
+            "--test-shape", "16x64x64", "--train-volumes", "2", "--test-volumes", "2", "--tta", "none",
+            "--work", str(tmp_path / "work"), "--json", str(out)]
+    assert generalization.main(argv) == 0
     fold, = json.loads(out.read_text())["folds"]
     assert fold["held_out"] == "bright"
     assert "bright" not in fold["train_styles"].values() and "bright" not in fold["val_styles"].values()
     assert set(fold["scores"]) == {"model", "threshold", "frangi"}
-    for by_voxel in fold["scores"].values():
+    assert fold["test_seeds"] == [0, 1] and len(fold["vessel_fraction"]) == 2
+    assert fold["vessel_fraction"][0] != fold["vessel_fraction"][1]  # two different draws of the family
+    for name, by_voxel in fold["scores"].items():
         assert set(by_voxel) == {"50.0", "63.08"} and all(0.0 <= s <= 1.0 for s in by_voxel.values())
+        draws = fold["scores_per_volume"][name]
+        assert len(draws) == 2
+        for voxel, mean in by_voxel.items():  # the table's score is the mean over the draws
+            assert mean == pytest.approx((draws[0][voxel] + draws[1][voxel]) / 2)
     assert set(fold["goals"]) == {"margin", "margin_met", "resolution_change", "resolution_met"}
+    # a rerun in the same --work folder reuses the dataset and the finished training: same scores
+    assert generalization.main([*argv, "--json", str(tmp_path / "again.json")]) == 0
+    assert "reusing the fold's dataset" in capsys.readouterr().out
+    assert json.loads((tmp_path / "again.json").read_text())["folds"][0]["scores"] == fold["scores"]
+    with pytest.raises(ValueError, match="not written for this fold's volumes, shape and seed"):
+        generalization.main([*argv, "--seed", "1"])
 
 
 @pytest.mark.slow  # two short trainings and the calibration bench: ~45 s
