@@ -111,13 +111,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.folds is not None and args.folds < 1:
         parser.error(f"--folds must be >= 1, got {args.folds}")
-    for option in ("epochs", "crops_per_epoch"):
+    for option in ("epochs", "crops_per_epoch", "train_volumes", "test_volumes"):
         value = getattr(args, option)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
-    for option in ("train_volumes", "test_volumes"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     return args
 
 
@@ -151,7 +148,8 @@ def run_fold(held_out: str, families: list[str], folder: Path, args: argparse.Na
     with timed(seconds, "train"):
         checkpoint, training = train_model(root, folder / "run", list(train_styles), list(val_styles), args)
     with timed(seconds, "held_out_volumes"):
-        draws = [held_out_volumes(held_out, args.test_shape, args.seed + index) for index in range(args.test_volumes)]
+        test_seeds = [args.seed + index for index in range(args.test_volumes)]
+        draws = [held_out_volumes(held_out, args.test_shape, seed) for seed in test_seeds]
     per_volume = {}
     with timed(seconds, "model_predict"):
         per_volume["model"] = [score_model(checkpoint, tests, args.tta) for tests in draws]
@@ -166,7 +164,7 @@ def run_fold(held_out: str, families: list[str], folder: Path, args: argparse.Na
                                  for voxel, (image, truth) in tests.items()} for tests in draws]
     seconds["fold"] = time.perf_counter() - started
     result = {"held_out": held_out, "train_styles": train_styles, "val_styles": val_styles,
-              "test_seeds": [args.seed + index for index in range(args.test_volumes)],
+              "test_seeds": test_seeds,
               "scores": {name: mean_by_voxel(draw_scores) for name, draw_scores in per_volume.items()},
               "scores_per_volume": {name: [{str(voxel): value for voxel, value in draw.items()} for draw in draw_scores]
                                     for name, draw_scores in per_volume.items()},
