@@ -8,15 +8,17 @@ It is how ``calibration_tolerance: 0.01`` and ``calibration_rule: case_median`` 
 synthetic_cpu recipe were chosen: rule ``mean`` at tolerance 0 is the best mean validation score; a
 tolerance t > 0 takes the lowest threshold, then the smallest component size, within t of it;
 ``case_median`` takes the median of the cases' own cuts (``vessel_kit.calibration``). Each checkpoint's validation and test logits are predicted once;
-the rules only re-cut them. They are the scans' logits as read (``Predictor.logits``): the
-polarity pass of ``infer_volume`` ("auto", ``vessel_kit.polarity``) is left out, as it chooses
-between two passes at one threshold (``bench_outside_probe`` scores with it). Checkpoints of the same recipe trained with other seeds or options
-tell a rule that transfers from one that fits one model.
+the rules only re-cut them. Test masks follow ``--polarity`` as ``infer_volume`` does
+(``vessel_kit.polarity``; default "auto": a volume whose mask as read is almost empty takes its
+mirrored pass's mask where that one is kept; the scores say "(mirrored)" there), so the figures
+are what a user gets; ``--polarity as_given`` scores the scans as read only (the figures of
+stops 20-31). Checkpoints of the same recipe trained with other seeds or options tell a rule that
+transfers from one that fits one model.
 
 Each checkpoint also gets an ``oracle`` row: every test and probe volume at its own best cut and
-component size (``THRESHOLD_GRID`` x ``COMPONENT_SIZE_GRID``, chosen on its truth). No rule can
-beat it: the gap from a rule's row to it is what calibration could still gain, and an oracle under
-a goal says that the model, not its calibration, falls short.
+component size (``THRESHOLD_GRID`` x ``COMPONENT_SIZE_GRID``, chosen on its truth), in its better
+pass under "auto". No rule can beat it: the gap from a rule's row to it is what calibration could
+still gain, and an oracle under a goal says that the model, not its calibration, falls short.
 
     vessel-kit demo --out demo_out   # or: vessel-kit synth demo_out/data && vessel-kit train ...
     python benchmarks/bench_calibration.py demo_out/run/best.safetensors --data demo_out/data --json /tmp/cal.json
@@ -40,10 +42,12 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import _common  # noqa: E402
 from bench_outside_probe import VARIANTS, VOXEL_SIZE_UM, probe_volume  # noqa: E402
 from vessel_kit.calibration import CALIBRATION_RULES, check_component_sizes, check_tolerance  # noqa: E402
+from vessel_kit.polarity import POLARITIES, count_voxels, finds_almost_nothing, keeps_mirrored, mirrored  # noqa: E402
 
 if TYPE_CHECKING:
     from vessel_kit.predictor import LogitVolume, Predictor
 
+AS_READ, MIRRORED = "as read", "mirrored"  # the two passes a test volume may be predicted in
 HEADERS = ("checkpoint", "rule", "tolerance", "threshold", "min component", "validation", "test mean", "probe mean", "scores")
 
 
@@ -85,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                                        normalization=ensemble.normalization, model_voxel_size_um=ensemble.voxel_size_um,
                                        device=device, batch_size=recipe.val_batch_size, axes=AXES,
                                        pad_planes_to=recipe.sample_size)
-        test_logits = [predictor.logits(image, voxel_size_um=size) for _, image, _, size in tests]
-        oracle = _oracle(predictor, tests, test_logits)
+        passes = _test_passes(predictor, tests, args.polarity)
+        oracle = _oracle(predictor, tests, passes)
         oracle_means = _means({name: best["score"] for name, best in oracle.items()}, probe_names)
         oracles.append({"checkpoint": str(checkpoint), **oracle_means, "volumes": oracle})
         rows.append((_short(checkpoint), "oracle", "", "per volume", "per volume", "",
                      f"{oracle_means['test_mean']:.3f}", f"{oracle_means['probe_mean']:.3f}",
-                     " ".join(f"{name} {best['score']:.3f} ({best['threshold']:g} / {best['min_component_size']})"
-                              for name, best in oracle.items())))
+                     " ".join(f"{name} {best['score']:.3f} ({best['threshold']:g} / {best['min_component_size']}"
+                              f"{', mirrored' if best['pass'] == MIRRORED else ''})" for name, best in oracle.items())))
         for rule, tolerance in _rules(args):
             record = calibrated_record(val_logits, cases, model_voxel_size_um=ensemble.voxel_size_um,
                                        component_sizes=component_sizes, calibration_tolerance=tolerance,
@@ -101,16 +105,21 @@ def main(argv: list[str] | None = None) -> int:
             # the checkpoint as training would have written it with this rule (the component size
             # is counted at the model's resolution and scales with each volume's voxel size)
             recut = _recut(predictor, threshold, size)
-            scores = {name: float(surface_dice(truth, recut.to_mask(logits)))
-                      for (name, _, truth, _), logits in zip(tests, test_logits, strict=True)}
+            scores, mirrored_passes = {}, []
+            for index, (name, _, truth, _) in enumerate(tests):
+                mask, chosen = _polarity_mask(recut, passes, index)
+                scores[name] = float(surface_dice(truth, mask))
+                if chosen == MIRRORED:
+                    mirrored_passes.append(name)
             means = _means(scores, probe_names)
             results.append({"checkpoint": str(checkpoint), "rule": rule, "tolerance": tolerance, "threshold": threshold,
                             "min_component_size": size, "validation": record["val_surface_dice_cleaned"],
-                            **means, "scores": scores})
+                            **means, "scores": scores, "mirrored": mirrored_passes})
             rows.append((_short(checkpoint), rule, f"{tolerance:g}", f"{threshold:g}", size,
                          f"{record['val_surface_dice_cleaned']:.3f}", f"{means['test_mean']:.3f}",
                          f"{means['probe_mean']:.3f}",
-                         " ".join(f"{name} {score:.3f}" for name, score in scores.items())))
+                         " ".join(f"{name} {score:.3f}{' (mirrored)' if name in mirrored_passes else ''}"
+                                  for name, score in scores.items())))
         print(f"{checkpoint}: {time.perf_counter() - started:.0f} s", flush=True)
     _common.print_table(HEADERS, rows)
     _print_changes(results, _rules(args))
@@ -120,24 +129,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _oracle(predictor: Predictor, tests: list[tuple], test_logits: list[LogitVolume]) -> dict[str, dict]:
-    """Each volume's best surface Dice over every grid cut and component size, and where: masks
-    as ``Predictor.to_mask`` makes them (components counted at the model's resolution)."""
+def _test_passes(predictor: Predictor, tests: list[tuple], polarity: str) -> dict[str, list[LogitVolume]]:
+    """The test volumes' logits of each pass ``polarity`` may use (``AS_READ`` and / or
+    ``MIRRORED``), one list per pass in the order of ``tests``."""
+    wanted = {"as_given": [AS_READ], "inverted": [MIRRORED], "auto": [AS_READ, MIRRORED]}[polarity]
+    return {name: [predictor.logits(mirrored(image) if name == MIRRORED else image, voxel_size_um=size)
+                   for _, image, _, size in tests] for name in wanted}
+
+
+def _polarity_mask(predictor: Predictor, passes: dict[str, list[LogitVolume]], index: int) -> tuple[np.ndarray, str]:
+    """Test volume ``index``'s mask and the pass it comes from, chosen between ``passes`` as
+    ``Predictor.prediction`` chooses under the polarity that made them."""
+    first, *others = passes
+    mask = predictor.to_mask(passes[first][index])
+    found = count_voxels(mask)
+    if not others or not finds_almost_nothing(found, mask.size):
+        return mask, first
+    other = predictor.to_mask(passes[MIRRORED][index])
+    if keeps_mirrored(found, count_voxels(other), mask.size):
+        return other, MIRRORED
+    return mask, first
+
+
+def _oracle(predictor: Predictor, tests: list[tuple], passes: dict[str, list[LogitVolume]]) -> dict[str, dict]:
+    """Each volume's best surface Dice over every pass, grid cut and component size, and where:
+    masks as ``Predictor.to_mask`` makes them (components counted at the model's resolution)."""
     from vessel_kit.calibration import COMPONENT_SIZE_GRID, THRESHOLD_GRID, scaled_component_size
     from vessel_kit.metric import surface_dice
     from vessel_kit.postprocess import remove_small_components
 
     best = {}
-    for (name, _, truth, _), logits in zip(tests, test_logits, strict=True):
-        for threshold in THRESHOLD_GRID:
-            mask = _recut(predictor, threshold, 0).to_mask(logits)
-            for size in COMPONENT_SIZE_GRID:
-                kept = mask if size <= 1 else remove_small_components(
-                    mask, scaled_component_size(size, logits.voxels_per_model_voxel),
-                    connectivity=predictor.config.connectivity)
-                score = float(surface_dice(truth, kept))
-                if name not in best or score > best[name]["score"]:
-                    best[name] = {"score": score, "threshold": threshold, "min_component_size": size}
+    for pass_name, pass_logits in passes.items():
+        for (name, _, truth, _), logits in zip(tests, pass_logits, strict=True):
+            for threshold in THRESHOLD_GRID:
+                mask = _recut(predictor, threshold, 0).to_mask(logits)
+                for size in COMPONENT_SIZE_GRID:
+                    kept = mask if size <= 1 else remove_small_components(
+                        mask, scaled_component_size(size, logits.voxels_per_model_voxel),
+                        connectivity=predictor.config.connectivity)
+                    score = float(surface_dice(truth, kept))
+                    if name not in best or score > best[name]["score"]:
+                        best[name] = {"score": score, "threshold": threshold, "min_component_size": size,
+                                      "pass": pass_name}
     return best
 
 
@@ -201,6 +234,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="cpu", help="named InferConfig for the test volumes (default cpu)")
     parser.add_argument("--tile-size", type=int, help="inference tile for the test volumes (default: the "
                         "config's, else each checkpoint's training crop)")
+    parser.add_argument("--polarity", default="auto", choices=POLARITIES,
+                        help="polarity of the test masks, as infer_volume's (default auto)")
     parser.add_argument("--probe-seed", type=int, default=100, help="seed of the first probe volume (default 100)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)

@@ -36,6 +36,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import _common  # noqa: E402
 import bench_calibration  # noqa: E402
 from vessel_kit.calibration import CALIBRATION_RULES, check_tolerance  # noqa: E402
+from vessel_kit.polarity import POLARITIES  # noqa: E402
 
 RECIPE = "recipe"  # the name of the unchanged recipe among the variants
 VALIDATION_OPTIONS = ("val_volumes", "val_voxel_sizes_um", "data_root", "out_dir", "seed")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         scored = Path(scratch) / "calibration.json"
         bench_calibration.main([*(str(checkpoint) for _, _, checkpoint, _ in runs), "--data", str(args.data),
                                 "--recipe", args.recipe, "--rules", args.rule, "--tolerances", str(args.tolerance),
-                                "--json", str(scored)])
+                                "--polarity", args.polarity, "--json", str(scored)])
         calibration = json.loads(scored.read_text())
     by_checkpoint = {r["checkpoint"]: r for r in calibration["results"]}
     oracles = {o["checkpoint"]: o for o in calibration["oracles"]}
@@ -144,6 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rule", default="case_median", choices=CALIBRATION_RULES,
                         help="calibration rule of the scores (default case_median, the recipe's)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="its tolerance (default 0.01)")
+    parser.add_argument("--polarity", default="auto", choices=POLARITIES,
+                        help="polarity of the test masks, as bench_calibration's (default auto)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
     variants = dict([] if args.no_recipe else [(RECIPE, {})])

@@ -104,6 +104,33 @@ def test_calibration_recuts_a_checkpoint_with_every_rule(bench, random_unet, tmp
     for result in results:
         for name, score in result["scores"].items():
             assert oracle["volumes"][name]["score"] >= score, (result["rule"], name)
+        assert set(result["mirrored"]) <= set(result["scores"])  # polarity "auto": the volumes it mirrored
+    assert {best["pass"] for best in oracle["volumes"].values()} <= {"as read", "mirrored"}
+
+
+def test_calibration_chooses_the_polarity_pass_as_the_predictor_does(bench):
+    """Under "auto" a volume takes its mirrored pass's mask only where the mask as read is almost
+    empty and the mirrored one holds more voxels and at most a tenth of the volume."""
+    calibration = bench("bench_calibration")
+
+    class MaskAsLogits:
+        """A stand-in predictor whose 'logits' are already masks."""
+
+        @staticmethod
+        def to_mask(logits):
+            return logits
+
+    def mask(voxels):
+        flat = np.zeros(100_000, bool)
+        flat[:voxels] = True
+        return flat.reshape(10, 100, 100)
+
+    read, found, background = mask(0), mask(500), mask(20_000)
+    passes = {"as read": [read, found, read, found], "mirrored": [found, read, background, background]}
+    chosen = [calibration._polarity_mask(MaskAsLogits, passes, index)[1] for index in range(4)]
+    assert chosen == ["mirrored", "as read", "as read", "as read"]
+    assert calibration._polarity_mask(MaskAsLogits, {"as read": passes["as read"]}, 0)[1] == "as read"
+    assert calibration._polarity_mask(MaskAsLogits, {"mirrored": passes["mirrored"]}, 1)[1] == "mirrored"
 
 
 @pytest.mark.parametrize("script, argv, message", [

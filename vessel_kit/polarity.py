@@ -30,7 +30,7 @@ from .regions import Region
 from .sources import VolumeSource
 
 __all__ = ["AUTO_MAX_FRACTION", "AUTO_MIN_FRACTION", "POLARITIES", "InvertedSource", "count_voxels",
-           "finds_almost_nothing", "mirrored", "plausible_mask"]
+           "finds_almost_nothing", "keeps_mirrored", "mirrored", "plausible_mask"]
 
 POLARITIES = ("as_given", "inverted", "auto")
 
@@ -80,6 +80,12 @@ def plausible_mask(mask_voxels: int, volume_voxels: int) -> bool:
     """Whether a mirrored pass's mask may be kept: not almost empty, and at most
     ``AUTO_MAX_FRACTION`` of the volume."""
     return not finds_almost_nothing(mask_voxels, volume_voxels) and mask_voxels <= AUTO_MAX_FRACTION * volume_voxels
+
+
+def keeps_mirrored(found: int, mirrored_found: int, volume_voxels: int) -> bool:
+    """Whether ``"auto"`` keeps the mirrored pass's mask (``mirrored_found`` voxels) over the
+    almost empty one as read (``found``): it must hold more voxels and be ``plausible_mask``."""
+    return mirrored_found > found and plausible_mask(mirrored_found, volume_voxels)
 
 
 def count_voxels(mask: np.ndarray, *, slab: int = 16) -> int:

@@ -68,7 +68,7 @@ from .ensemble import DEFAULT_THRESHOLD, Ensemble, MixedEnsemble, ModelSource, c
 from .infer_config import InferConfig
 from .models import compile_model, memory_format
 from .normalize import Normalization, Window
-from .polarity import InvertedSource, count_voxels, finds_almost_nothing, plausible_mask
+from .polarity import InvertedSource, count_voxels, finds_almost_nothing, keeps_mirrored
 from .hull import hull_slices, sum_rule_slices
 from .postprocess import hysteresis_threshold, mask_output, order_keys, remove_small_components, top_fraction_key
 from .regions import Region, check_region, region_shape
@@ -244,7 +244,7 @@ class Predictor:
             return Prediction(first, mask)
         mirrored_mask = self.to_mask(mirrored)
         mirrored_found = count_voxels(mirrored_mask)
-        if mirrored_found <= found or not plausible_mask(mirrored_found, mask.size):
+        if not keeps_mirrored(found, mirrored_found, mask.size):
             return Prediction(first, mask)
         warnings.warn(f"the mask of {source!r} as read holds {found} voxels (almost empty), that of its mirrored "
                       f"intensities {mirrored_found}: the mirrored one is used (polarity 'auto'; polarity='as_given' "
