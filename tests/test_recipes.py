@@ -24,7 +24,7 @@ FLAT_SYNTHETIC_CPU = {
     "calibration_tolerance": 0.01, "calibration_rule": "case_median", "val_from_epoch": 4,
     "volume_weights": {"kidney_2": 0.6, **dict.fromkeys(_LOOKS, 0.1)},
     "encoder": "mobilenet_v2", "in_chans": 3, "crop_size": 96, "model_kwargs": {"decoder_channels": [128, 64, 32, 16, 8]},
-    "foreground_fraction": 0.5, "crops_per_epoch": 1024, "augment": "light", "epochs": 8, "batch_size": 8,
+    "foreground_fraction": 0.5, "crops_per_epoch": 1024, "augment": "light", "epochs": 10, "batch_size": 8,
     "loss": [{"name": "dice", "weight": 1.0}, {"name": "bce", "weight": 1.0}, {"name": "surface_dice", "weight": 1.0}],
     "lr": 2e-3, "ema_decay": 0.98, "rotate_p": 0.2, "rotate_max_deg": 30.0, "zoom_p": 0.25, "zoom_range": [0.7, 1.15],
     "lowres_p": 0.15, "intensity_p": 0.4, "invert_p": 0.1,
