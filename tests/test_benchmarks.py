@@ -135,6 +135,7 @@ def test_calibration_chooses_the_polarity_pass_as_the_predictor_does(bench):
 
 @pytest.mark.parametrize("script, argv, message", [
     ("bench_calibration", ["--component-sizes", "0", "-10"], "--component-sizes must be a non-empty list of ints >= 0"),
+    ("bench_calibration", ["--polarity", "upside_down"], "--polarity: invalid choice: 'upside_down'"),
     ("bench_generalization", ["--set", "[1]"], "--set must be a JSON mapping of training options"),
     ("bench_generalization", ["--set", "{loss: dice}"], "--set: not JSON"),
     ("bench_generalization", ["--test-volumes", "0"], "--test-volumes must be >= 1"),
