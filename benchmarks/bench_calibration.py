@@ -42,7 +42,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import _common  # noqa: E402
 from bench_outside_probe import VARIANTS, VOXEL_SIZE_UM, probe_volume  # noqa: E402
 from vessel_kit.calibration import CALIBRATION_RULES, check_component_sizes, check_tolerance  # noqa: E402
-from vessel_kit.polarity import POLARITIES, count_voxels, finds_almost_nothing, keeps_mirrored, mirrored  # noqa: E402
+from vessel_kit.polarity import POLARITIES, asks_for_mirrored, keeps_mirrored, mirrored  # noqa: E402
 
 if TYPE_CHECKING:
     from vessel_kit.predictor import LogitVolume, Predictor
@@ -141,12 +141,13 @@ def _polarity_mask(predictor: Predictor, passes: dict[str, list[LogitVolume]], i
     """Test volume ``index``'s mask and the pass it comes from, chosen between ``passes`` as
     ``Predictor.prediction`` chooses under the polarity that made them."""
     first, *others = passes
-    mask = predictor.to_mask(passes[first][index])
-    found = count_voxels(mask)
-    if not others or not finds_almost_nothing(found, mask.size):
+    if not others:
+        return predictor.to_mask(passes[first][index]), first
+    mask, as_read = predictor.counted_mask(passes[first][index])
+    if not asks_for_mirrored(as_read):
         return mask, first
-    other = predictor.to_mask(passes[MIRRORED][index])
-    if keeps_mirrored(found, count_voxels(other), mask.size):
+    other, mirrored_count = predictor.counted_mask(passes[MIRRORED][index])
+    if keeps_mirrored(as_read, mirrored_count):
         return other, MIRRORED
     return mask, first
 

@@ -109,28 +109,36 @@ def test_calibration_recuts_a_checkpoint_with_every_rule(bench, random_unet, tmp
 
 
 def test_calibration_chooses_the_polarity_pass_as_the_predictor_does(bench):
-    """Under "auto" a volume takes its mirrored pass's mask only where the mask as read is almost
-    empty and the mirrored one holds more voxels and at most a tenth of the volume."""
+    """Under "auto" a volume takes its mirrored pass's mask only where the mask as read finds almost
+    nothing (empty, or sparse and speckled) and the mirrored one is fuller, at most a tenth of the
+    volume and less speckled (``polarity.asks_for_mirrored`` / ``keeps_mirrored``)."""
+    from vessel_kit.polarity import MaskCount
+
     calibration = bench("bench_calibration")
 
-    class MaskAsLogits:
-        """A stand-in predictor whose 'logits' are already masks."""
+    class CountsAsLogits:
+        """A stand-in predictor whose 'logits' are (name, MaskCount) pairs: the mask is the name."""
 
         @staticmethod
         def to_mask(logits):
+            return logits[0]
+
+        @staticmethod
+        def counted_mask(logits):
             return logits
 
-    def mask(voxels):
-        flat = np.zeros(100_000, bool)
-        flat[:voxels] = True
-        return flat.reshape(10, 100, 100)
+    def count(name, kept, above):
+        return name, MaskCount(kept, above, 100_000)
 
-    read, found, background = mask(0), mask(500), mask(20_000)
-    passes = {"as read": [read, found, read, found], "mirrored": [found, read, background, background]}
-    chosen = [calibration._polarity_mask(MaskAsLogits, passes, index)[1] for index in range(4)]
-    assert chosen == ["mirrored", "as read", "as read", "as read"]
-    assert calibration._polarity_mask(MaskAsLogits, {"as read": passes["as read"]}, 0)[1] == "as read"
-    assert calibration._polarity_mask(MaskAsLogits, {"mirrored": passes["mirrored"]}, 1)[1] == "mirrored"
+    empty, found, background = count("empty", 0, 0), count("found", 500, 550), count("background", 20_000, 20_000)
+    speckle, sparse = count("speckle", 50, 1000), count("sparse", 50, 60)
+    passes = {"as read": [empty, found, empty, speckle, sparse, speckle],
+              "mirrored": [found, empty, background, found, found, count("speckle too", 80, 1000)]}
+    chosen = [calibration._polarity_mask(CountsAsLogits, passes, index) for index in range(6)]
+    assert chosen == [("found", "mirrored"), ("found", "as read"), ("empty", "as read"), ("found", "mirrored"),
+                      ("sparse", "as read"), ("speckle", "as read")]
+    assert calibration._polarity_mask(CountsAsLogits, {"as read": passes["as read"]}, 0) == ("empty", "as read")
+    assert calibration._polarity_mask(CountsAsLogits, {"mirrored": passes["mirrored"]}, 1) == ("empty", "mirrored")
 
 
 @pytest.mark.parametrize("script, argv, message", [

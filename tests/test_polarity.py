@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from vessel_kit import InferConfig, Normalization, Predictor, infer_volume
 from vessel_kit.deadline import DeadlineWarning
-from vessel_kit.polarity import (AUTO_MIN_FRACTION, InvertedSource, count_voxels, finds_almost_nothing, mirrored,
+from vessel_kit.polarity import (AUTO_MIN_FRACTION, AUTO_SPARSE_FRACTION, AUTO_SPECKLE_SHARE, InvertedSource, MaskCount,
+                                  asks_for_mirrored, count_voxels, finds_almost_nothing, keeps_mirrored, mirrored,
                                   plausible_mask)
 from vessel_kit.sources import ArraySource
 
@@ -99,6 +100,59 @@ def test_almost_nothing_is_under_the_fraction_of_the_volume():
     assert count_voxels(mask) == 14 and count_voxels(mask, slab=7) == 14
 
 
+def test_auto_asks_for_the_mirrored_pass_on_an_empty_or_a_sparse_speckled_mask():
+    volume = 10**6
+    sparse = int(AUTO_SPARSE_FRACTION * volume) - 1
+    speckled_above = int(sparse / AUTO_SPECKLE_SHARE) + 100  # under AUTO_SPECKLE_SHARE of them kept
+    assert asks_for_mirrored(MaskCount(0, 0, volume)) and asks_for_mirrored(MaskCount(50, 50, volume))
+    assert asks_for_mirrored(MaskCount(sparse, speckled_above, volume))
+    assert not asks_for_mirrored(MaskCount(sparse, sparse, volume))  # sparse but coherent: a real, sparse mask
+    assert not asks_for_mirrored(MaskCount(int(AUTO_SPARSE_FRACTION * volume), 10**5, volume))  # speckled but not sparse
+    assert MaskCount(30, 120, volume).kept_share == 0.25 and MaskCount(0, 0, volume).kept_share == 0.0
+
+
+def test_auto_keeps_a_mirrored_mask_only_if_fuller_plausible_and_less_speckled():
+    volume = 10**6
+    speckle = MaskCount(500, 10_000, volume)  # 5 % kept
+    assert keeps_mirrored(speckle, MaskCount(3000, 4000, volume))
+    assert not keeps_mirrored(speckle, MaskCount(400, 400, volume))  # not fuller
+    assert not keeps_mirrored(speckle, MaskCount(200_000, 200_000, volume))  # background, not vessels
+    assert not keeps_mirrored(speckle, MaskCount(3000, 40_000, volume))  # as speckled: 7.5 % kept, under 2 x 5 %
+    assert keeps_mirrored(MaskCount(0, 0, volume), MaskCount(3000, 60_000, volume))  # anything beats nothing
+
+
+def speckled_dark_tubes(specks: int) -> np.ndarray:
+    """Dark tubes (1000) in flat tissue (32768) with one bright 3x3x3 cube and ``specks`` isolated
+    bright voxels (65535): as read, a detector of bright voxels finds the cube and the specks."""
+    image = np.full(SHAPE, 32768, np.uint16)
+    image[tubes(3)] = 1000
+    image[2:5, 40:43, 40:43] = 65535
+    spots = [(z, y, x) for z in range(0, 24, 2) for y in range(1, 48, 4) for x in range(24, 38, 3)]
+    for z, y, x in spots[:specks]:
+        image[z, y, x] = 65535
+    return image
+
+
+@pytest.mark.parametrize("specks, passes_run, mirrored_kept", [(150, 2, True), (0, 1, False)])
+def test_auto_mirrors_a_sparse_mask_of_speckle_not_a_sparse_coherent_one(monkeypatch, specks, passes_run, mirrored_kept):
+    """The cube alone (27 voxels, under AUTO_SPARSE_FRACTION) is a sparse but coherent mask: kept
+    as read in one pass (a mixed-polarity scan). With 150 specks above the threshold that the
+    component filter removes, it is speckle: the mirrored pass, which finds the tubes, is used."""
+    image = speckled_dark_tubes(specks)
+    run = Predictor(PointwiseLogits(), InferConfig(**{**OPTIONS, "threshold": 0.99, "min_component_size": 10}),
+                    in_chans=1, normalization=Normalization("unit"))
+    passes = counted_passes(run, monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mask = run.predict(image)
+    assert len(passes) == passes_run
+    if mirrored_kept:
+        assert mask[tubes(2)].all() and not mask[2:5, 40:43, 40:43].any()
+        assert "27 voxels (15% of the 177 above the threshold)" in str(caught[0].message)
+    else:
+        assert count_voxels(mask) == 27 and not caught
+
+
 def test_dark_vessels_are_found_mirrored_and_auto_takes_that_pass(monkeypatch):
     image, labels = tube_volume(-1.0)
     as_given = infer(image, polarity="as_given")
@@ -108,7 +162,7 @@ def test_dark_vessels_are_found_mirrored_and_auto_takes_that_pass(monkeypatch):
 
     run = predictor()  # polarity None: "auto" on a whole volume
     passes = counted_passes(run, monkeypatch)
-    with pytest.warns(UserWarning, match=r"as read holds 0 voxels \(almost empty\).*the mirrored one is used"):
+    with pytest.warns(UserWarning, match=r"as read finds almost nothing \(0 voxels \(0% of the 0 above the threshold\)\).*the mirrored one is used"):
         np.testing.assert_array_equal(run.predict(image), inverted)
     assert [type(source) for source in passes] == [ArraySource, InvertedSource]
 

@@ -240,7 +240,7 @@ INFER_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "hull_gate": (_hull_gate, "2D + 3D ensembles: DILATION (keep the 3D mask within this many voxels of the 2D mask), "
                               "or dilation=10,shape=convex,rule=sum,threshold_3d=0.5 (the 4th-place rule)"),
     "polarity": (str, "as_given, inverted (mirror the intensities: dark vessels), or auto (the mirrored scan too "
-                      "when the scan as read gives an almost empty mask; the default, block by block as_given)"),
+                      "when the scan as read gives an almost empty or speckled mask; the default, block by block as_given)"),
 }
 COMMAND_SET_FIELDS = ("device", "progress")  # --device is predict_submission's; progress always shows
 

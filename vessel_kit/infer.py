@@ -84,9 +84,9 @@ def infer_volume(
             calibrated size (the smallest of them), scaled to the volume's voxel size; 0 keeps all.
         polarity: "as_given", "inverted" (predict the scan with its intensities mirrored, for
             dark vessels on a model of bright ones) or "auto" (the default): as given, and only
-            when that mask holds under ``polarity.AUTO_MIN_FRACTION`` of the voxels, mirrored
-            too, keeping the mirrored mask if it is fuller and plausible
-            (``polarity.plausible_mask``), with a warning.
+            when that mask finds almost nothing (``polarity.asks_for_mirrored``: almost empty,
+            or sparse and speckled), mirrored too, keeping the mirrored mask if it is fuller,
+            plausible and less speckled (``polarity.keeps_mirrored``), with a warning.
         return_logits: return the float16 averaged logits instead of a mask.
         accumulator_path: keep the float16 accumulator in a ``.npy`` memmap at this path
             instead of RAM.

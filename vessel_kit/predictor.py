@@ -68,7 +68,7 @@ from .ensemble import DEFAULT_THRESHOLD, Ensemble, MixedEnsemble, ModelSource, c
 from .infer_config import InferConfig
 from .models import compile_model, memory_format
 from .normalize import Normalization, Window
-from .polarity import InvertedSource, count_voxels, finds_almost_nothing, keeps_mirrored
+from .polarity import InvertedSource, MaskCount, asks_for_mirrored, count_voxels, keeps_mirrored
 from .hull import hull_slices, sum_rule_slices
 from .postprocess import hysteresis_threshold, mask_output, order_keys, remove_small_components, top_fraction_key
 from .regions import Region, check_region, region_shape
@@ -218,9 +218,10 @@ class Predictor:
     ) -> Prediction:
         """The logits (``logits``) and mask (``to_mask``, into ``out``) of the whole ``volume`` in
         the config's ``polarity`` (``vessel_kit.polarity``): as read, mirrored, or ("auto", the
-        default) as read and, only when that mask is almost empty, mirrored too, keeping the
-        mirrored pass when its mask holds more voxels and is plausible (``polarity.plausible_mask``;
-        its accumulator goes beside ``accumulator_path``).
+        default) as read and, only when that mask finds almost nothing (``polarity.asks_for_mirrored``:
+        almost empty, or sparse and speckled), mirrored too, keeping the mirrored pass when
+        ``polarity.keeps_mirrored`` (fuller, plausible, less speckled; its accumulator goes beside
+        ``accumulator_path``).
         ``with_mask=False``: the logits alone (no mask made where the polarity needs none)."""
         if hasattr(volume, "ndim"):
             _check_volume(volume)
@@ -231,24 +232,25 @@ class Predictor:
                             accumulator_path=accumulator_path, **options)
         if polarity != "auto" and not with_mask:
             return Prediction(first, None)
-        mask = self.to_mask(first, out=out)
-        found = count_voxels(mask)
-        if polarity != "auto" or not finds_almost_nothing(found, mask.size):
+        if polarity != "auto":
+            return Prediction(first, self.to_mask(first, out=out))
+        mask, as_read = self.counted_mask(first, out=out)
+        if not asks_for_mirrored(as_read):
             return Prediction(first, mask)
         try:
             mirrored = self.logits(InvertedSource(source), accumulator_path=_beside(accumulator_path, "mirrored"),
                                    **options)
-        except TimeoutError:  # the scan as read was predicted in time: its (almost empty) mask stands
-            warnings.warn(f"the mask of {source!r} as read is almost empty ({found} voxels) and the deadline left no "
-                          "time to predict its mirrored intensities (polarity 'auto')", DeadlineWarning, stacklevel=2)
+        except TimeoutError:  # the scan as read was predicted in time: its mask stands
+            warnings.warn(f"the mask of {source!r} as read finds almost nothing ({as_read.described()}) and the "
+                          "deadline left no time to predict its mirrored intensities (polarity 'auto')",
+                          DeadlineWarning, stacklevel=2)
             return Prediction(first, mask)
-        mirrored_mask = self.to_mask(mirrored)
-        mirrored_found = count_voxels(mirrored_mask)
-        if not keeps_mirrored(found, mirrored_found, mask.size):
+        mirrored_mask, mirrored_count = self.counted_mask(mirrored)
+        if not keeps_mirrored(as_read, mirrored_count):
             return Prediction(first, mask)
-        warnings.warn(f"the mask of {source!r} as read holds {found} voxels (almost empty), that of its mirrored "
-                      f"intensities {mirrored_found}: the mirrored one is used (polarity 'auto'; polarity='as_given' "
-                      "keeps the scan as read)", stacklevel=2)
+        warnings.warn(f"the mask of {source!r} as read finds almost nothing ({as_read.described()}), that of its "
+                      f"mirrored intensities {mirrored_count.described()}: the mirrored one is used (polarity 'auto'; "
+                      "polarity='as_given' keeps the scan as read)", stacklevel=2)
         mask[...] = mirrored_mask
         return Prediction(mirrored, mask)
 
@@ -376,7 +378,22 @@ class Predictor:
         else probability > ``threshold``; then components under ``min_component_size`` go
         (``min_component_size``: the calibrated one scales with the volume's voxel size).
         Streams the logits slice by slice; writes into ``out`` when given."""
-        mask = self._mask(logits, self.threshold, out) if logits.hull is None else self._hull_mask(logits, out)
+        return self._without_small_components(self._cut(logits, out), logits)
+
+    def counted_mask(self, logits: LogitVolume, *, out: np.ndarray | None = None) -> tuple[np.ndarray, MaskCount]:
+        """``to_mask`` and its ``polarity.MaskCount`` (the voxels kept, and those above the cut
+        before the component filter): the evidence polarity "auto" decides on."""
+        mask = self._cut(logits, out)
+        above = count_voxels(mask)
+        mask = self._without_small_components(mask, logits)
+        return mask, MaskCount(count_voxels(mask), above, mask.size)
+
+    def _cut(self, logits: LogitVolume, out: np.ndarray | None) -> np.ndarray:
+        """``logits`` cut as the config says, before small components go."""
+        return self._mask(logits, self.threshold, out) if logits.hull is None else self._hull_mask(logits, out)
+
+    def _without_small_components(self, mask: np.ndarray, logits: LogitVolume) -> np.ndarray:
+        """``mask`` (in place) without the components under ``min_component_size`` at ``logits``' voxel size."""
         min_size = self.min_component_size(logits.voxels_per_model_voxel)
         if min_size > 1:
             return remove_small_components(mask, min_size, connectivity=self.config.connectivity, out=mask)
