@@ -265,3 +265,52 @@ def test_recipe_variants_refuses_bad_options_before_training(bench, tmp_path, ca
     with pytest.raises(SystemExit):
         bench("bench_recipe_variants").parse_args(["--data", str(data), "--work", str(tmp_path / "w"), *argv])
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_polarity_bench_scores_both_passes_and_auto_on_each_scan(bench, random_unet, tmp_path, monkeypatch):
+    polarity = bench("bench_polarity")
+    monkeypatch.setattr(polarity.bench_outside_probe, "SHAPE", (16, 48, 48))
+    checkpoint = random_unet(tmp_path / "random.safetensors")
+    out = tmp_path / "polarity.json"
+    argv = [str(checkpoint), "--families", "bright", "--seeds", "5", "--shape", "16,48,48", "--json", str(out)]
+    assert polarity.main(argv) == 0
+    written = json.loads(out.read_text())
+    results = written["results"]
+    assert [r["volume"] for r in results] == [f"{variant}_{5 + index}" for index, variant in
+                                              enumerate(polarity.bench_outside_probe.VARIANTS)] + ["bright_5"]
+    for result in results:
+        for name in ("as_read", "mirrored"):
+            assert 0 <= result[name]["kept"] <= result[name]["volume"] and 0.0 <= result[name]["score"] <= 1.0
+        assert result["auto_as_drawn"] == polarity._auto_choice(result["as_read"], result["mirrored"])
+        assert result["auto_inverted"] == polarity._auto_choice(result["mirrored"], result["as_read"])
+    assert written["summary"] == polarity.summarize(results)
+
+
+def test_polarity_bench_summary_compares_auto_with_the_better_pass(bench):
+    polarity = bench("bench_polarity")
+    volume = 100_000
+
+    def result(read, mirrored):
+        (kept, above, score), (mirrored_kept, mirrored_above, mirrored_score) = read, mirrored
+        return {"as_read": {"kept": kept, "above": above, "volume": volume, "score": score},
+                "mirrored": {"kept": mirrored_kept, "above": mirrored_above, "volume": volume, "score": mirrored_score}}
+
+    results = [result((500, 550, 0.6), (0, 900, 0.0)),   # bright vessels found as read; its inversion is speckle
+               result((30, 900, 0.0), (400, 500, 0.5))]  # dark vessels: speckle as read, found mirrored
+    for r in results:
+        r["auto_as_drawn"] = polarity._auto_choice(r["as_read"], r["mirrored"])
+        r["auto_inverted"] = polarity._auto_choice(r["mirrored"], r["as_read"])
+    assert [(r["auto_as_drawn"], r["auto_inverted"]) for r in results] == [("as read", "mirrored"), ("mirrored", "as read")]
+    summary = polarity.summarize(results)
+    for scans in ("as drawn", "inverted"):
+        assert summary[scans]["auto"] == pytest.approx(0.55) and summary[scans]["better"] == pytest.approx(0.55)
+        assert summary[scans]["worse"] == 0 and summary[scans]["second_pass"] == 1
+    assert summary["as drawn"]["as_read"] == pytest.approx(0.3)
+
+
+def test_polarity_bench_refuses_an_unknown_family(bench, random_unet, tmp_path, capsys):
+    polarity = bench("bench_polarity")
+    checkpoint = random_unet(tmp_path / "random.safetensors")
+    with pytest.raises(SystemExit):
+        polarity.parse_args([str(checkpoint), "--families", "bright,marble"])
+    assert "unknown families ['marble']" in capsys.readouterr().err
