@@ -162,7 +162,8 @@ def test_dark_vessels_are_found_mirrored_and_auto_takes_that_pass(monkeypatch):
 
     run = predictor()  # polarity None: "auto" on a whole volume
     passes = counted_passes(run, monkeypatch)
-    with pytest.warns(UserWarning, match=r"as read finds almost nothing \(0 voxels \(0% of the 0 above the threshold\)\).*the mirrored one is used"):
+    expected = r"as read finds almost nothing \(0 voxels \(0% of the 0 above the threshold\)\).*the mirrored one is used"
+    with pytest.warns(UserWarning, match=expected):
         np.testing.assert_array_equal(run.predict(image), inverted)
     assert [type(source) for source in passes] == [ArraySource, InvertedSource]
 

@@ -14,12 +14,13 @@ So a prediction can run on the mirrored intensities:
   ``AUTO_SPECKLE_SHARE`` of the voxels above the threshold survive the component filter). On a
   scan of dark vessels a bright-vessel model puts ~0.5-1.4 % of the voxels above its threshold,
   nearly all in specks the component filter removes (0-3 % kept), while a sparse but real mask
-  keeps most of them (the sparse mixed-polarity hipct kidney: 29-50 %). The mirrored mask is
-  kept (``keeps_mirrored``) if it holds more voxels, is itself a plausible vessel mask
+  keeps most of them (a sparse mixed-polarity hipct draw: 29-50 %). The mirrored mask is kept
+  (``keeps_mirrored``) if it holds more voxels, is itself a plausible vessel mask
   (``plausible_mask``: neither almost empty nor over ``AUTO_MAX_FRACTION`` of the volume, which
   is background: the mirrored pass of a scan without vessels), and keeps at least
-  ``AUTO_SHARE_GAIN`` times the share of its above-threshold voxels. It costs nothing where vessels are found, so a scan of
-  mixed polarity (whose mirrored pass marks several times the true voxels) is left as read.
+  ``AUTO_SHARE_GAIN`` times the share of its above-threshold voxels. It costs nothing where
+  vessels are found, so a scan of mixed polarity (whose mirrored pass marks several times the
+  true voxels) is left as read.
 
 ``"auto"`` compares whole-volume masks, so block-wise runs, which see one block at a time, take
 ``"as_given"`` or ``"inverted"``; ``InferConfig.polarity`` None means "auto" for whole volumes and
@@ -127,12 +128,12 @@ def plausible_mask(mask_voxels: int, volume_voxels: int) -> bool:
     return not finds_almost_nothing(mask_voxels, volume_voxels) and mask_voxels <= AUTO_MAX_FRACTION * volume_voxels
 
 
-def keeps_mirrored(as_read: MaskCount, mirrored: MaskCount) -> bool:
+def keeps_mirrored(as_read: MaskCount, mirrored_pass: MaskCount) -> bool:
     """Whether ``"auto"`` keeps the mirrored pass's mask over the one as read (which
     ``asks_for_mirrored``): it must hold more voxels, be ``plausible_mask`` and keep at least
     ``AUTO_SHARE_GAIN`` times the share of its voxels above the threshold."""
-    return (mirrored.kept > as_read.kept and plausible_mask(mirrored.kept, mirrored.volume)
-            and mirrored.kept_share >= AUTO_SHARE_GAIN * as_read.kept_share)
+    return (mirrored_pass.kept > as_read.kept and plausible_mask(mirrored_pass.kept, mirrored_pass.volume)
+            and mirrored_pass.kept_share >= AUTO_SHARE_GAIN * as_read.kept_share)
 
 
 def count_voxels(mask: np.ndarray, *, slab: int = 16) -> int:
