@@ -315,3 +315,17 @@ def json_mapping(text: str, option: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{option} must be a JSON mapping of training options, got {text!r}")
     return value
+
+
+def refuse_missing_checkpoints(parser: argparse.ArgumentParser, checkpoints: Sequence[Path]) -> None:
+    """``parser.error`` naming every path of ``checkpoints`` that is not a file."""
+    missing = [str(path) for path in checkpoints if not path.is_file()]
+    if missing:
+        parser.error(f"no checkpoint file at {missing}")
+
+
+def refuse_unknown(parser: argparse.ArgumentParser, kind: str, given: Sequence[str], known: Sequence[str]) -> None:
+    """``parser.error`` naming the ``given`` names of ``kind`` (e.g. "variants") not in ``known``, and the known ones."""
+    unknown = [name for name in given if name not in known]
+    if unknown:
+        parser.error(f"unknown {kind} {unknown}; {kind}: {list(known)}")

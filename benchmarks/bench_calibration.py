@@ -240,9 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--probe-seed", type=int, default=100, help="seed of the first probe volume (default 100)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
-    missing = [str(path) for path in args.checkpoints if not path.is_file()]
-    if missing:
-        parser.error(f"no checkpoint file at {missing}")
+    _common.refuse_missing_checkpoints(parser, args.checkpoints)
     if not (args.data / "solution.csv").is_file():
         parser.error(f"{args.data} has no solution.csv (the test volumes' truth)")
     if args.tile_size is not None and args.tile_size < 16:

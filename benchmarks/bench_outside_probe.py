@@ -108,12 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override the config's polarity (default: the config's, auto for the cpu preset)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.variants if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; variants: {list(VARIANTS)}")
-    missing = [str(path) for path in args.checkpoints if not path.is_file()]
-    if missing:
-        parser.error(f"no checkpoint file at {missing}")
+    _common.refuse_unknown(parser, "variants", args.variants, list(VARIANTS))
+    _common.refuse_missing_checkpoints(parser, args.checkpoints)
     return args
 
 

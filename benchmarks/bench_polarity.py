@@ -154,12 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="cpu", help="named InferConfig (default cpu: 3 axes, no flips)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.families if name not in STYLES]
-    if unknown:
-        parser.error(f"unknown families {unknown}; families: {list(STYLES)}")
-    missing = [str(path) for path in args.checkpoints if not path.is_file()]
-    if missing:
-        parser.error(f"no checkpoint file at {missing}")
+    _common.refuse_unknown(parser, "families", args.families, list(STYLES))
+    _common.refuse_missing_checkpoints(parser, args.checkpoints)
     if args.data is not None and not (args.data / "solution.csv").is_file():
         parser.error(f"--data {args.data}: no solution.csv there")
     return args

@@ -314,3 +314,11 @@ def test_polarity_bench_refuses_an_unknown_family(bench, random_unet, tmp_path, 
     with pytest.raises(SystemExit):
         polarity.parse_args([str(checkpoint), "--families", "bright,marble"])
     assert "unknown families ['marble']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["bench_calibration", "bench_outside_probe", "bench_polarity"])
+def test_checkpoint_benches_refuse_a_missing_checkpoint_by_path(bench, tmp_path, capsys, script):
+    missing = tmp_path / "nowhere.safetensors"
+    with pytest.raises(SystemExit):
+        bench(script).parse_args([str(missing)])
+    assert f"no checkpoint file at ['{missing}']" in capsys.readouterr().err

@@ -63,7 +63,8 @@ class InferConfig:
     "threshold_3d": 0.5}``). Intensity: ``polarity`` (``vessel_kit.polarity``): "as_given",
     "inverted" (the scan's intensities mirrored: a model of bright vessels on a scan of dark
     ones) or "auto" (the mirrored scan too, only when the scan as read gives an almost empty
-    mask, or a sparse one of speckle: ``polarity.asks_for_mirrored``); None, the default: "auto" for whole volumes, "as_given" block by block.
+    mask, or a sparse one of speckle: ``polarity.asks_for_mirrored``); None, the default: "auto"
+    for whole volumes, "as_given" block by block.
 
     Lists given for tuple fields are stored as tuples and numpy numbers as Python ones, so two
     equal configs compare equal and ``to_dict`` gives plain YAML/JSON values.
